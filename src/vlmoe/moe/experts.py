@@ -1,0 +1,359 @@
+"""Stacked expert weights and the three ways to run them (reference, grouped, capacity).
+
+Shape legend (used in every name below):
+    T  tokens (flattened over all leading dims)
+    D  model dim (``d_model``)
+    F  expert FFN hidden dim (``d_ff``)
+    H  width of the expert input projection: 2F for SwiGLU (gate ‖ up, gate first), F for GELU
+    E  routed experts
+    K  routing slots per token (top-k; see ``RoutingDecision`` for the -1 padding)
+    S  token-expert assignments kept after routing (≤ T·K), sorted by expert
+    C  per-expert capacity (capacity path)
+
+Weight layout (``Experts``): ``w_in_EDH [E, D, H]`` and ``w_out_EFD [E, F, D]``, i.e. expert e
+computes ``act(x @ w_in_EDH[e]) @ w_out_EFD[e]``. Both are stored "input-major" so that
+``grouped_mm(x_SD, w_in_EDH)`` needs no transpose. Mixtral/Qwen-MoE checkpoints store the
+transposes (``gate_up_proj [E, 2F, D]``, ``down_proj [E, D, F]``); see ``vlmoe.moe.hf``.
+
+Semantics shared by all paths: ``y[t] = Σ_k weights[t, k] · FFN_{indices[t, k]}(x[t])`` where
+slots with ``indices[t, k] == -1`` (dropped / padding) contribute nothing. The reference loop
+below *is* that formula; every fast path is tested against it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = ("swiglu", "gelu")
+
+
+def ffn_act(h_SH: Tensor, activation: str) -> Tensor:
+    """Hidden activation of one expert FFN: ``[S, H] -> [S, F]``.
+
+    SwiGLU: ``silu(gate) * up`` with ``h = [gate ‖ up]``; GELU: ``gelu(h)`` (tanh-free, exact).
+    """
+    if activation == "swiglu":
+        gate_SF, up_SF = h_SH.chunk(2, dim=-1)
+        return F.silu(gate_SF) * up_SF
+    if activation == "gelu":
+        return F.gelu(h_SH)
+    raise ValueError(f"activation: unknown {activation!r}, expected one of {ACTIVATIONS}")
+
+
+def dense_ffn(
+    x_TD: Tensor, w_in_DH: Tensor, w_out_FD: Tensor, activation: str = "swiglu"
+) -> Tensor:
+    """One dense FFN ``act(x @ w_in) @ w_out``: ``[T, D] -> [T, D]``.
+
+    Used for shared experts and as the dense-equivalent baseline in tests and benchmarks.
+    """
+    return ffn_act(x_TD @ w_in_DH, activation) @ w_out_FD
+
+
+class DenseFFN(nn.Module):
+    """A dense FFN with the same layout as one expert: ``w_in_DH [D, H]``, ``w_out_FD [F, D]``.
+
+    With ``d_ff = k·F`` this is the dense-equivalent of a top-k MoE (same active FLOPs per token).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu") -> None:
+        super().__init__()
+        self.activation = activation
+        h = 2 * d_ff if activation == "swiglu" else d_ff
+        self.w_in_DH = nn.Parameter(torch.empty(d_model, h))
+        self.w_out_FD = nn.Parameter(torch.empty(d_ff, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # fan-in scaled normal, like nn.Linear's scale; MoE experts use the same rule
+        nn.init.normal_(self.w_in_DH, std=self.w_in_DH.shape[0] ** -0.5)
+        nn.init.normal_(self.w_out_FD, std=self.w_out_FD.shape[0] ** -0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [..., D] -> [..., D]``."""
+        return dense_ffn(x, self.w_in_DH, self.w_out_FD, self.activation)
+
+
+# --------------------------------------------------------------------------------------------
+# grouped matmul with a fallback
+# --------------------------------------------------------------------------------------------
+
+
+def _gmm_ok(a: Tensor, b: Tensor) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` can run on these operands.
+
+    CPU kernels in torch 2.13 take fp32/bf16 and need every non-unit stride and the base
+    pointer 16-byte aligned; CUDA needs bf16 on SM80+. Anything else takes the loop fallback.
+    """
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if a.dtype != b.dtype or a.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if a.device.type == "cuda":
+        return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
+    if a.device.type != "cpu":
+        return False
+    es = a.element_size()
+    for t in (a, b):
+        if t.data_ptr() % 16:
+            return False
+        if any(st != 1 and (st * es) % 16 for st in t.stride()):
+            return False
+    return True
+
+
+def _gmm_loop(a_SK: Tensor, b_EKN: Tensor, counts: list[int]) -> Tensor:
+    out_SN = a_SK.new_empty(a_SK.shape[0], b_EKN.shape[-1])
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(a_SK[start : start + n], b_EKN[e], out=out_SN[start : start + n])
+        start += n
+    return out_SN
+
+
+def _gmm_loop_wgrad(a_SK: Tensor, g_SN: Tensor, counts: list[int], E: int) -> Tensor:
+    """``Σ_{rows of group e} a^T g`` per group: ``[E, K, N]``; zero for empty groups."""
+    out_EKN = a_SK.new_zeros(E, a_SK.shape[1], g_SN.shape[1])
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(a_SK[start : start + n].t(), g_SN[start : start + n], out=out_EKN[e])
+        start += n
+    return out_EKN
+
+
+def gmm(a_SK: Tensor, b_EKN: Tensor, counts_E: Tensor, offs_E: Tensor | None = None) -> Tensor:
+    """Grouped matmul: rows ``offs[e-1]:offs[e]`` of ``a`` times ``b[e]``. ``[S,K]×[E,K,N] -> [S,N]``.
+
+    ``counts_E`` are the per-group row counts (long or int), ``offs_E`` their int32 cumulative
+    sum (computed when not given). Uses ``torch.nn.functional.grouped_mm`` when the operands
+    suit its kernel, else a loop of ``torch.mm`` over groups. Differentiable in ``a`` and ``b``.
+    """
+    if offs_E is None:
+        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    if _gmm_ok(a_SK, b_EKN) and a_SK.shape[0] > 0:
+        return _GroupedMM.apply(a_SK, b_EKN, offs_E)
+    return _GroupedMMLoop.apply(a_SK, b_EKN, counts_E)
+
+
+class _GroupedMM(torch.autograd.Function):
+    """``grouped_mm`` whose backward first makes the incoming gradient contiguous.
+
+    The CPU backward kernel rejects gradients with a zero stride (``out.sum().backward()``
+    produces an expanded one), and the 16-byte stride rule applies to the gradient as well.
+    """
+
+    @staticmethod
+    def forward(ctx, a_SK: Tensor, b_EKN: Tensor, offs_E: Tensor) -> Tensor:
+        ctx.save_for_backward(a_SK, b_EKN, offs_E)
+        return F.grouped_mm(a_SK, b_EKN, offs=offs_E)
+
+    @staticmethod
+    def backward(ctx, g_SN: Tensor):
+        a_SK, b_EKN, offs_E = ctx.saved_tensors
+        g_SN = g_SN.contiguous()
+        ga = gb = None
+        if ctx.needs_input_grad[0]:
+            ga = F.grouped_mm(g_SN, b_EKN.transpose(1, 2), offs=offs_E)
+        if ctx.needs_input_grad[1]:
+            # 2D×2D with offsets along the shared (row) dim gives one [K, N] block per group;
+            # the kernel leaves groups with no rows as zeros.
+            gb = F.grouped_mm(a_SK.t(), g_SN, offs=offs_E)
+        return ga, gb, None
+
+
+class _GroupedMMLoop(torch.autograd.Function):
+    """Loop-of-``mm`` fallback with the same contract as ``_GroupedMM``."""
+
+    @staticmethod
+    def forward(ctx, a_SK: Tensor, b_EKN: Tensor, counts_E: Tensor) -> Tensor:
+        counts = counts_E.tolist()
+        ctx.counts = counts
+        ctx.save_for_backward(a_SK, b_EKN)
+        return _gmm_loop(a_SK, b_EKN, counts)
+
+    @staticmethod
+    def backward(ctx, g_SN: Tensor):
+        a_SK, b_EKN = ctx.saved_tensors
+        g_SN = g_SN.contiguous()
+        ga = gb = None
+        if ctx.needs_input_grad[0]:
+            ga = _gmm_loop(g_SN, b_EKN.transpose(1, 2), ctx.counts)
+        if ctx.needs_input_grad[1]:
+            gb = _gmm_loop_wgrad(a_SK, g_SN, ctx.counts, b_EKN.shape[0])
+        return ga, gb, None
+
+
+def grouped_ffn(
+    x_SD: Tensor,
+    counts_E: Tensor,
+    w_in_EDH: Tensor,
+    w_out_EFD: Tensor,
+    activation: str = "swiglu",
+) -> Tensor:
+    """Run expert e's FFN on its contiguous block of tokens: ``[S, D] -> [S, D]``.
+
+    ``x_SD`` must already be sorted by expert, with ``counts_E[e]`` rows for expert e (so
+    ``S == counts_E.sum()``). No routing weights are applied. This is the building block for
+    expert parallelism: after an all_to_all, a rank sorts its received tokens by local expert
+    and calls this with its local slice of the weights.
+    """
+    offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    h_SH = gmm(x_SD, w_in_EDH, counts_E, offs_E)
+    return gmm(ffn_act(h_SH, activation), w_out_EFD, counts_E, offs_E)
+
+
+# --------------------------------------------------------------------------------------------
+# the three execution paths
+# --------------------------------------------------------------------------------------------
+
+
+def reference_experts(
+    x_TD: Tensor,
+    indices_TK: Tensor,
+    weights_TK: Tensor,
+    w_in_EDH: Tensor,
+    w_out_EFD: Tensor,
+    activation: str = "swiglu",
+) -> Tensor:
+    """The obviously-right loop over experts: ``y[t] = Σ_k w[t,k]·FFN_{idx[t,k]}(x[t])``.
+
+    Slots with index -1 never match an expert and so contribute nothing.
+    """
+    y_TD = torch.zeros_like(x_TD)
+    for e in range(w_in_EDH.shape[0]):
+        tok, slot = torch.where(indices_TK == e)
+        if tok.numel() == 0:
+            continue
+        y_ND = dense_ffn(x_TD[tok], w_in_EDH[e], w_out_EFD[e], activation)
+        y_TD = y_TD.index_add(0, tok, y_ND * weights_TK[tok, slot, None].to(y_ND.dtype))
+    return y_TD
+
+
+def sort_by_expert(indices_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Order the kept assignments by expert.
+
+    Returns ``(order_S, counts_E, n_kept)`` where ``order_S`` indexes the flattened ``[T·K]``
+    slots (token = ``order // K``), grouped by expert in increasing order and, inside an
+    expert, in increasing slot order (stable), and slots with index -1 are left out.
+    """
+    flat_A = indices_TK.reshape(-1)
+    # -1 (dropped) sorts last when mapped to E; a stable sort keeps token order within experts
+    key_A = torch.where(flat_A < 0, num_experts, flat_A)
+    order_A = torch.argsort(key_A, stable=True)
+    counts_E = torch.bincount(key_A, minlength=num_experts + 1)[:num_experts]
+    n_kept = flat_A.numel() if not bool((flat_A < 0).any()) else int(counts_E.sum())
+    return order_A[:n_kept], counts_E, n_kept
+
+
+def grouped_experts(
+    x_TD: Tensor,
+    indices_TK: Tensor,
+    weights_TK: Tensor,
+    w_in_EDH: Tensor,
+    w_out_EFD: Tensor,
+    activation: str = "swiglu",
+) -> Tensor:
+    """Dropless fast path: sort assignments by expert, one grouped matmul per projection.
+
+    Same contract as ``reference_experts``; no Python loop over experts (unless
+    ``grouped_mm`` cannot run and the loop fallback takes over).
+    """
+    T, K = indices_TK.shape
+    E = w_in_EDH.shape[0]
+    order_S, counts_E, _ = sort_by_expert(indices_TK, E)
+    tok_S = order_S // K
+    x_SD = x_TD.index_select(0, tok_S)
+    y_SD = grouped_ffn(x_SD, counts_E, w_in_EDH, w_out_EFD, activation)
+    w_S = weights_TK.reshape(-1).index_select(0, order_S).to(y_SD.dtype)
+    return torch.zeros_like(x_TD).index_add(0, tok_S, y_SD * w_S[:, None])
+
+
+def capacity_of(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """GShard/Switch capacity ``C = ceil(capacity_factor · T · K / E)``, at least 1."""
+    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+def capacity_experts(
+    x_TD: Tensor,
+    indices_TK: Tensor,
+    weights_TK: Tensor,
+    w_in_EDH: Tensor,
+    w_out_EFD: Tensor,
+    activation: str = "swiglu",
+    capacity: int | None = None,
+) -> Tensor:
+    """Capacity path (GShard/Switch): scatter tokens into ``[E, C, D]`` buffers, batched matmul.
+
+    Static-shape by construction (useful for compilers and fixed-size all_to_all). Expects the
+    routing to have been passed through ``routing.apply_capacity`` with the same ``capacity``;
+    if an expert still holds more than C assignments, the extra ones (in slot order) are
+    dropped here too. ``capacity=None`` uses the largest expert load (no drops).
+    """
+    T, K = indices_TK.shape
+    E, D = w_in_EDH.shape[0], x_TD.shape[-1]
+    order_S, counts_E, _ = sort_by_expert(indices_TK, E)
+    e_S = indices_TK.reshape(-1).index_select(0, order_S)
+    C = int(counts_E.max()) if capacity is None else capacity
+    C = max(C, 1)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    pos_S = torch.arange(order_S.numel(), device=x_TD.device) - starts_E.index_select(0, e_S)
+    keep_S = pos_S < C
+    order_S, e_S, pos_S = order_S[keep_S], e_S[keep_S], pos_S[keep_S]
+    tok_S = order_S // K
+    slot_S = e_S * C + pos_S
+    buf_XD = x_TD.new_zeros(E * C, D).index_copy(0, slot_S, x_TD.index_select(0, tok_S))
+    h_ECH = torch.bmm(buf_XD.view(E, C, D), w_in_EDH)
+    y_ECD = torch.bmm(ffn_act(h_ECH, activation), w_out_EFD)
+    y_SD = y_ECD.reshape(E * C, D).index_select(0, slot_S)
+    w_S = weights_TK.reshape(-1).index_select(0, order_S).to(y_SD.dtype)
+    return torch.zeros_like(x_TD).index_add(0, tok_S, y_SD * w_S[:, None])
+
+
+class Experts(nn.Module):
+    """E routed expert FFNs stored stacked: ``w_in_EDH [E, D, H]``, ``w_out_EFD [E, F, D]``.
+
+    ``forward(x_TD, indices_TK, weights_TK, impl=...)`` is the whole routed-expert
+    computation (no router): it is what expert-parallel code replaces by
+    dispatch → ``grouped_ffn`` on local experts → combine.
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu"):
+        super().__init__()
+        self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
+        self.activation = activation
+        h = 2 * d_ff if activation == "swiglu" else d_ff
+        self.w_in_EDH = nn.Parameter(torch.empty(num_experts, d_model, h))
+        self.w_out_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w_in_EDH, std=self.d_model**-0.5)
+        nn.init.normal_(self.w_out_EFD, std=self.d_ff**-0.5)
+
+    def forward(
+        self,
+        x_TD: Tensor,
+        indices_TK: Tensor,
+        weights_TK: Tensor,
+        impl: str = "grouped",
+        capacity: int | None = None,
+    ) -> Tensor:
+        """``y_TD = Σ_k weights_TK[:, k] · FFN_{indices_TK[:, k]}(x_TD)``; -1 slots skipped.
+
+        ``impl``: ``"reference"`` (loop over experts), ``"grouped"`` (sort + grouped matmul),
+        ``"capacity"`` (``[E, C, D]`` buffers + bmm, with ``capacity`` C).
+        """
+        args = (x_TD, indices_TK, weights_TK, self.w_in_EDH, self.w_out_EFD, self.activation)
+        if impl == "reference":
+            return reference_experts(*args)
+        if impl == "grouped":
+            return grouped_experts(*args)
+        if impl == "capacity":
+            return capacity_experts(*args, capacity=capacity)
+        raise ValueError(f"impl: unknown {impl!r}")
