@@ -1,0 +1,250 @@
+"""The `vlmoe` command: a thin layer over `main(argv)`, which tests call directly.
+
+Every subcommand maps to one function; user mistakes (bad data, checkpoint, config, device)
+print one line `vlmoe: error: ...` on stderr and return a non-zero code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from vlmoe.checkpoint import CheckpointError
+from vlmoe.config import ConfigError
+from vlmoe.data import DataError
+
+USER_ERRORS: tuple[type[Exception], ...] = (DataError, CheckpointError, ConfigError)
+#: subcommands that live in their own modules: each has add_arguments(parser) and run(args) -> int
+EXTRA_COMMANDS = {"inspect": "vlmoe.inspect", "compare": "vlmoe.compare"}
+
+
+class UsageError(ValueError):
+    """A command-line value is invalid (e.g. an unavailable device)."""
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(
+            f"--device {name}: CUDA is not available on this machine (use --device cpu)"
+        )
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise UsageError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}")
+    return name
+
+
+def _fresh_out(base: str, resume: bool) -> str:
+    """The default checkpoint folder: `base`, or `base-2`, `base-3`, … so that a second
+    `vlmoe train` never overwrites the first run's checkpoint."""
+    if resume or not Path(base).exists():
+        return base
+    n = 2
+    while Path(f"{base}-{n}").exists():
+        n += 1
+    return f"{base}-{n}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a VL-MoE model (default: the `default` preset on easy-VQA) and report test accuracy."""
+    from vlmoe.config import get_preset
+    from vlmoe.train import train
+
+    cfg = get_preset(args.preset)
+    if args.data is not None:
+        cfg.data = args.data
+    if args.epochs is not None:
+        cfg.train.epochs = args.epochs
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    if args.batch_size is not None:
+        cfg.train.batch_size = args.batch_size
+    if args.lr is not None:
+        cfg.train.lr = args.lr
+    cfg.train.__post_init__()  # re-validate overridden fields
+    if cfg.data != "easy-vqa" and not Path(cfg.data).is_file():
+        raise DataError(f"--data {cfg.data}: file not found (expected a .jsonl file or 'easy-vqa')")
+    out = args.out or _fresh_out(f"checkpoints/{cfg.preset}", args.resume)
+    if not args.resume and Path(out, "config.json").exists() and not args.overwrite:
+        raise UsageError(
+            f"--out {out}: a checkpoint is already there; use --resume to continue or --overwrite"
+        )
+    res = train(
+        cfg,
+        out,
+        device=_device(args.device),
+        resume=args.resume,
+        stop_after=args.stop_after,
+        progress=not args.no_progress,
+    )
+    summary = {
+        "checkpoint": str(res.out_dir),
+        "step": res.step,
+        "total_steps": res.total_steps,
+        "seconds": round(res.seconds, 1),
+    }
+    if res.val is not None:
+        summary["val_accuracy"] = res.val.accuracy
+    if res.test is not None:
+        summary["test_accuracy"] = res.test.accuracy
+        summary["test_per_kind"] = {k: v["accuracy"] for k, v in res.test.per_kind.items()}
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"checkpoint: {res.out_dir}  (step {res.step}/{res.total_steps}, {res.seconds:.0f} s)")
+    if res.val is not None:
+        print(f"validation accuracy: {res.val.accuracy:.4f}")
+    if res.test is not None:
+        kinds = ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in res.test.per_kind.items())
+        print(f"test accuracy: {res.test.accuracy:.4f} on {res.test.n} questions ({kinds})")
+    elif res.step < res.total_steps:
+        print(f"stopped early; continue with: vlmoe train --out {res.out_dir} --resume")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint: accuracy overall and per question kind (yes/no, color, shape)."""
+    from vlmoe.checkpoint import load_checkpoint
+    from vlmoe.data import load_data
+    from vlmoe.evaluate import evaluate
+
+    ck = load_checkpoint(args.checkpoint, _device(args.device))
+    split_name = args.split
+    data = args.data or ck.config.data
+    split = load_data(
+        data,
+        split_name,
+        ck.config.model.image_size,
+        ck.config.train.val_fraction,
+        ck.config.train.seed,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = evaluate(ck.model, split, ck.tokenizer, ck.answers, device=_device(args.device))
+    for w in caught:
+        print(f"vlmoe: warning: {w.message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"data": split.source, **res.to_dict()}))
+        return 0
+    print(f"{split.source}: accuracy {res.accuracy:.4f} on {res.n} questions (loss {res.loss:.4f})")
+    for kind, v in res.per_kind.items():
+        print(f"  {kind:<7} {v['accuracy']:.4f}  (n={v['n']})")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    """Answer a question about an image with a trained checkpoint."""
+    from vlmoe.checkpoint import load_checkpoint
+    from vlmoe.data import load_image
+    from vlmoe.evaluate import answer_question
+
+    if not args.question.strip():
+        raise UsageError("question: expected a non-empty question, got an empty string")
+    ck = load_checkpoint(args.checkpoint, _device(args.device))
+    image = load_image(args.image, ck.config.model.image_size)
+    top = answer_question(ck.model, ck.tokenizer, ck.answers, image, args.question, top=3)
+    if args.json:
+        print(json.dumps({"answer": top[0][0], "top": [{"answer": a, "prob": p} for a, p in top]}))
+        return 0
+    print(top[0][0])
+    for a, p in top:
+        print(f"  {a:<12} {p:.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vlmoe", description="Sparse Mixture-of-Experts vision-language models."
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    t.add_argument(
+        "--preset", default="default", help="named config: tiny, default, dense (default: default)"
+    )
+    t.add_argument("--data", default=None, help="'easy-vqa' (default) or a JSONL file")
+    t.add_argument("--out", default=None, help="checkpoint folder (default: checkpoints/PRESET)")
+    t.add_argument("--epochs", type=float, default=None, help="override the preset's epochs")
+    t.add_argument("--seed", type=int, default=None, help="override the preset's seed")
+    t.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
+    t.add_argument(
+        "--lr", type=float, default=None, help="override the preset's peak learning rate"
+    )
+    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    t.add_argument(
+        "--overwrite", action="store_true", help="replace an existing checkpoint in --out"
+    )
+    t.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="stop and save after this many steps (resume later with --resume)",
+    )
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
+    e.add_argument("--checkpoint", required=True, help="checkpoint folder written by vlmoe train")
+    e.add_argument(
+        "--data", default=None, help="'easy-vqa' or a JSONL file (default: the training data)"
+    )
+    e.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test"],
+        help="easy-VQA split (default: test)",
+    )
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_eval)
+
+    a = sub.add_parser("ask", help=cmd_ask.__doc__, description=cmd_ask.__doc__)
+    a.add_argument("--checkpoint", required=True)
+    a.add_argument("--image", required=True, help="image file (any size or mode)")
+    a.add_argument("--device", default="cpu")
+    a.add_argument("--json", action="store_true", help='print {"answer": ..., "top": [...]}')
+    a.add_argument("question")
+    a.set_defaults(func=cmd_ask)
+
+    for name, module in EXTRA_COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        sp = sub.add_parser(
+            name, help=(mod.run.__doc__ or "").split("\n")[0], description=mod.run.__doc__
+        )
+        mod.add_arguments(sp)
+        sp.set_defaults(func=mod.run)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` (default: sys.argv[1:]), run the subcommand, return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (*USER_ERRORS, UsageError) as e:
+        print(f"vlmoe: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vlmoe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

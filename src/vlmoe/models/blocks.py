@@ -1,0 +1,176 @@
+"""Multiway transformer blocks: shared attention, per-modality FFNs (dense or MoE).
+
+Legend: B batch, P image patches, L text positions, S = P + L, D model width, F FFN hidden,
+T tokens fed to one FFN (the valid tokens of one modality, flattened).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmoe.moe import MoE, MoEConfig, MoEStats, RoutingDecision
+
+
+@dataclass
+class RoutingRecord:
+    """What one MoE FFN did in one forward pass (all tensors detached).
+
+    `token_index` [T, 2] gives (sample in batch, position) of each routed token: for vision the
+    patch index (row-major over the patch grid), for text the word position ([CLS] = 0).
+    """
+
+    layer: int
+    modality: str  # "vision" | "text"
+    stats: MoEStats
+    routing: RoutingDecision
+    token_index: torch.Tensor
+
+    @property
+    def name(self) -> str:
+        return f"layer{self.layer}.{self.modality}"
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over [B, S, D] with a key padding mask [B, S] (True = real)."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def forward(self, x_BSD: torch.Tensor, keep_BS: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, Dh]
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=keep_BS[:, None, None, :],
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class DenseFFN(nn.Module):
+    """The dense FFN, with the same activation as the experts: x [..., D] → [..., D]."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str) -> None:
+        super().__init__()
+        self.activation = activation
+        n_in = 2 * d_ff if activation == "swiglu" else d_ff
+        self.w_in = nn.Linear(d_model, n_in, bias=False)
+        self.w_out = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w_in(x)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.w_out(h)
+
+
+class ModalityFFN(nn.Module):
+    """Pre-norm residual FFN for one modality, dense or MoE.
+
+    forward(x [B, N, D], keep [B, N] bool) → (x + FFN(norm(x)) [B, N, D], aux loss, record).
+    An MoE FFN routes only the real tokens (`keep`), so padding never enters the routing
+    statistics or the balancing losses.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        moe: MoEConfig | None,
+        layer: int,
+        modality: str,
+        dropout: float,
+        activation: str = "swiglu",
+    ) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.layer, self.modality = layer, modality
+        self.is_moe = moe is not None
+        self.ffn: nn.Module = MoE(moe) if moe is not None else DenseFFN(d_model, d_ff, activation)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self, x_BND: torch.Tensor, keep_BN: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, RoutingRecord | None]:
+        h = self.norm(x_BND)
+        if not self.is_moe:
+            return x_BND + self.drop(self.ffn(h)), None, None
+        if keep_BN is None:
+            out = self.ffn(h)
+            y = out.output
+            B, N, _ = x_BND.shape
+            idx = torch.stack(
+                torch.meshgrid(torch.arange(B), torch.arange(N), indexing="ij"), -1
+            ).reshape(-1, 2)
+        else:
+            idx = keep_BN.nonzero()  # [T, 2] row-major, matches h[keep] order
+            out = self.ffn(h[keep_BN])
+            y = torch.zeros_like(x_BND)
+            y[keep_BN] = out.output
+        rec = RoutingRecord(self.layer, self.modality, out.stats, out.routing, idx)
+        return x_BND + self.drop(y), out.aux_loss, rec
+
+
+class MultiwayBlock(nn.Module):
+    """Shared self-attention, then a vision FFN and a text FFN (or one shared VL FFN)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        layer: int,
+        vision_moe: MoEConfig | None,
+        text_moe: MoEConfig | None,
+        shared_vl: bool,
+        dropout: float,
+        activation: str = "swiglu",
+    ) -> None:
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(d_model)
+        self.attn = Attention(d_model, n_heads, dropout)
+        self.drop = nn.Dropout(dropout)
+        self.shared_vl = shared_vl
+        if shared_vl:
+            self.ffn_vl = ModalityFFN(d_model, d_ff, None, layer, "vl", dropout, activation)
+        else:
+            self.ffn_vision = ModalityFFN(
+                d_model, d_ff, vision_moe, layer, "vision", dropout, activation
+            )
+            self.ffn_text = ModalityFFN(d_model, d_ff, text_moe, layer, "text", dropout, activation)
+
+    def forward(
+        self, x_v: torch.Tensor, x_t: torch.Tensor, text_keep_BL: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[RoutingRecord]]:
+        """x_v [B, P, D], x_t [B, L, D], text_keep [B, L] → (x_v, x_t, aux losses, records)."""
+        P = x_v.shape[1]
+        x = torch.cat([x_v, x_t], dim=1)
+        keep = torch.cat([text_keep_BL.new_ones(x_v.shape[:2]), text_keep_BL], dim=1)
+        x = x + self.drop(self.attn(self.norm_attn(x), keep))
+        aux: list[torch.Tensor] = []
+        recs: list[RoutingRecord] = []
+        if self.shared_vl:
+            x, _, _ = self.ffn_vl(x, None)
+            return x[:, :P], x[:, P:], aux, recs
+        x_v, x_t = x[:, :P], x[:, P:]
+        x_v, a_v, r_v = self.ffn_vision(x_v, None)
+        x_t, a_t, r_t = self.ffn_text(x_t, text_keep_BL)
+        for a, r in ((a_v, r_v), (a_t, r_t)):
+            if r is not None:
+                aux.append(a)
+                recs.append(r)
+        return x_v, x_t, aux, recs

@@ -1,0 +1,138 @@
+"""VL-MoE: a multiway transformer whose per-modality FFNs are sparse MoE layers.
+
+Shen et al. 2023 ("Scaling Vision-Language Models with Sparse Mixture of Experts") on VLMo's
+multiway transformer (Bao et al. 2022): image patches and words share every self-attention,
+while each modality has its own FFN — here an `vlmoe.moe.MoE` in the blocks the config names.
+
+Legend: B batch, P patches, L text positions, D model width, A answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmoe.config import ModelConfig
+from vlmoe.models.blocks import MultiwayBlock, RoutingRecord
+from vlmoe.models.heads import AnswerHead
+from vlmoe.models.text import TextEmbedding
+from vlmoe.models.vision import ConvStem
+
+__all__ = ["ModelOutput", "RoutingRecord", "VLMoE", "build_model"]
+
+
+@dataclass
+class ModelOutput:
+    """logits [B, A]; loss = task loss + aux_loss (None without labels); aux_loss 0-dim (sum of
+    every MoE layer's weighted auxiliary losses); routing: one record per MoE FFN called."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    task_loss: torch.Tensor | None
+    aux_loss: torch.Tensor
+    routing: list[RoutingRecord] = field(default_factory=list)
+
+
+class VLMoE(nn.Module):
+    """The VL-MoE visual question answering model.
+
+    forward(images [B,3,S,S] float, input_ids [B,L] long, attention_mask [B,L] bool,
+    labels [B] long or None (-100 = ignore)) → ModelOutput.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 0 or cfg.num_answers <= 0:
+            raise ValueError(
+                f"model.vocab_size and model.num_answers must be set (>0), got {cfg.vocab_size}, {cfg.num_answers}"
+            )
+        self.cfg = cfg
+        D = cfg.d_model
+        self.vision = ConvStem(cfg.image_size, cfg.patch_size, cfg.stem_channels, D)
+        self.text = TextEmbedding(cfg.vocab_size, cfg.max_text_len, D)
+        self.type_vision_D = nn.Parameter(torch.zeros(D))
+        self.type_text_D = nn.Parameter(torch.zeros(D))
+        moe_cfg = cfg.expert_config()
+        blocks = []
+        for i in range(cfg.n_layers):
+            is_moe = i in cfg.moe_layers
+            blocks.append(
+                MultiwayBlock(
+                    D,
+                    cfg.n_heads,
+                    cfg.d_ff,
+                    layer=i,
+                    vision_moe=moe_cfg if is_moe and cfg.moe_vision else None,
+                    text_moe=moe_cfg if is_moe and cfg.moe_text else None,
+                    shared_vl=i >= cfg.n_layers - cfg.vl_layers,
+                    dropout=cfg.dropout,
+                    activation=moe_cfg.activation,
+                )
+            )
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.LayerNorm(D)
+        self.head = AnswerHead(D, cfg.num_answers)
+        self.apply(_init_linear)
+
+    def encode(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[RoutingRecord]]:
+        """Run the blocks → (vision tokens [B,P,D], text tokens [B,L,D], aux loss, records)."""
+        L = min(input_ids.shape[1], self.cfg.max_text_len)
+        input_ids, attention_mask = input_ids[:, :L], attention_mask[:, :L].bool()
+        x_v = self.vision(images) + self.type_vision_D
+        x_t = self.text(input_ids) + self.type_text_D
+        aux = x_v.new_zeros(())
+        records: list[RoutingRecord] = []
+        for blk in self.blocks:
+            x_v, x_t, a, r = blk(x_v, x_t, attention_mask)
+            for t in a:
+                aux = aux + t
+            records += r
+        return self.norm(x_v), self.norm(x_t), aux, records
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        x_v, x_t, aux, records = self.encode(images, input_ids, attention_mask)
+        logits = self.head(x_t[:, 0], x_v.mean(dim=1))
+        task = loss = None
+        if labels is not None:
+            task = F.cross_entropy(logits, labels, ignore_index=-100)
+            loss = task + aux
+        return ModelOutput(logits, loss, task, aux, records)
+
+    def param_counts(self) -> tuple[int, int]:
+        """(total parameters, parameters active per token-forward).
+
+        Active counts each MoE FFN as its `param_counts()` active share (router + shared +
+        top-k experts); everything else is active.
+        """
+        from vlmoe.moe import MoE
+
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for m in self.modules():
+            if isinstance(m, MoE):
+                t, a = m.param_counts()
+                inactive += t - a
+        return total, total - inactive
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def build_model(cfg: ModelConfig) -> VLMoE:
+    """Build a VLMoE from a complete ModelConfig (vocab_size and num_answers set)."""
+    return VLMoE(cfg)
