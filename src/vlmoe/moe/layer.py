@@ -59,7 +59,7 @@ class MoEConfig:
     ``expert_choice`` it scales the experts' capacity instead (None means 1.0)."""
     batch_prioritized: bool = False
     """Batch Prioritized Routing (V-MoE): when dropping, serve tokens in decreasing order of
-    their top routing weight instead of position order."""
+    their top router probability instead of position order."""
     num_shared_experts: int = 0
     """DeepSeekMoE shared experts, applied to every token with weight 1 (stored as one dense
     FFN of hidden ``num_shared_experts · d_ff``)."""
@@ -232,7 +232,9 @@ class MoE(nn.Module):
         chosen_TK = d.indices
         cap = self.capacity(x_TD.shape[0])
         if cap is not None and c.router != "expert_choice":
-            prio_T = d.weights[:, 0].detach() if c.batch_prioritized else None
+            # V-MoE BPR: priority = the token's top router probability (not the renormalised
+            # weight, which is 1 for every token when k = 1)
+            prio_T = d.probs.detach().amax(-1) if c.batch_prioritized else None
             idx, w = apply_capacity(d.indices, d.weights, c.num_experts, cap, prio_T)
             d = d._replace(indices=idx, weights=w)
         return d, chosen_TK, noisy_TE

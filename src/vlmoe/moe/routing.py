@@ -86,14 +86,17 @@ def sigmoid_route(
     """
     scores_TE = torch.sigmoid(logits_TE)
     _, indices_TK = torch.topk(scores_TE.detach() + bias_E, top_k, dim=-1, sorted=True)
-    weights_TK = scores_TE.gather(1, indices_TK)
     if normalize:
-        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        # s_i / Σ s_j computed as a softmax of log-sigmoids: identical value and gradient, but
+        # it stays normalised when every selected sigmoid underflows to 0 (very negative logits)
+        weights_TK = F.logsigmoid(logits_TE).gather(1, indices_TK).softmax(-1)
+    else:
+        weights_TK = scores_TE.gather(1, indices_TK)
     # re-sort slots by weight so that slot 0 is the highest-weighted expert even when the bias
     # reordered the selection
     weights_TK, perm_TK = torch.sort(weights_TK, dim=-1, descending=True, stable=True)
     indices_TK = indices_TK.gather(1, perm_TK)
-    probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+    probs_TE = F.logsigmoid(logits_TE).softmax(-1)  # = s / Σ s, underflow-safe
     return RoutingDecision(indices_TK, weights_TK * scale, probs_TE, logits_TE)
 
 
