@@ -19,8 +19,14 @@ import torch
 from vlmoe.checkpoint import CheckpointError
 from vlmoe.config import ConfigError
 from vlmoe.data import DataError
+from vlmoe.distributed import DistributedError
 
-USER_ERRORS: tuple[type[Exception], ...] = (DataError, CheckpointError, ConfigError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    DataError,
+    CheckpointError,
+    ConfigError,
+    DistributedError,
+)
 #: subcommands that live in their own modules: each has add_arguments(parser) and run(args) -> int
 EXTRA_COMMANDS = {"inspect": "vlmoe.inspect", "compare": "vlmoe.compare"}
 
@@ -76,14 +82,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--out {out}: a checkpoint is already there; use --resume to continue or --overwrite"
         )
-    res = train(
-        cfg,
-        out,
-        device=_device(args.device),
-        resume=args.resume,
-        stop_after=args.stop_after,
-        progress=not args.no_progress,
-    )
+    from vlmoe.distributed import describe_failure, init_from_env
+
+    # under torchrun (WORLD_SIZE > 1): join the process group; rank 0 logs, prints and saves
+    dist = init_from_env(_device(args.device), args.dist_timeout)
+    try:
+        res = train(
+            cfg,
+            out,
+            device=dist.device,
+            resume=args.resume,
+            stop_after=args.stop_after,
+            progress=not args.no_progress,
+            dist=dist,
+        )
+    except Exception as e:
+        if dist.active and (msg := describe_failure(e)) is not None:
+            raise DistributedError(msg) from None  # one line, not a traceback
+        raise
+    finally:
+        dist.shutdown()
+    if not dist.is_main:
+        return 0
     summary = {
         "checkpoint": str(res.out_dir),
         "step": res.step,
@@ -190,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop and save after this many steps (resume later with --resume)",
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="under torchrun: timeout of every collective, after which a run with a dead or "
+        "stuck process fails (default: $VLMOE_DIST_TIMEOUT or 120)",
+    )
     t.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     t.set_defaults(func=cmd_train)
 

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from vlmoe.checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
+from vlmoe.checkpoint import load_checkpoint, load_trainer_state
 from vlmoe.config import RunConfig
 from vlmoe.data import VQASplit, WordTokenizer, iterate_batches, load_data, num_batches
-from vlmoe.evaluate import EvalResult, evaluate
+from vlmoe.distributed import Dist
+from vlmoe.evaluate import EvalResult
 from vlmoe.models import VLMoE, build_model
 from vlmoe.models.blocks import RoutingRecord
 
@@ -141,14 +142,20 @@ def train(
     progress: bool = True,
     evaluate_test: bool = True,
     log: Callable[[str], None] | None = None,
+    dist: Dist | None = None,
 ) -> TrainResult:
     """Train `cfg` and save checkpoints to `out_dir`.
 
     resume: continue from the checkpoint in `out_dir` (its config wins over `cfg`).
     stop_after: stop (and save) after this many optimiser steps in total, as if interrupted.
     Returns the final validation (and, for easy-VQA, test) results.
+    dist: the process group (default: whatever torch.distributed runs, else one process);
+    with several processes, see `vlmoe.distributed` — batch_size stays the global batch.
     """
+    dist = dist or Dist.current(device)
     log = log or (lambda s: print(s, file=sys.stderr))
+    if not dist.is_main:
+        log = lambda s: None  # noqa: E731 — rank 0 logs for the run
     out = Path(out_dir)
     t0 = time.time()
     state: dict[str, Any] | None = None
@@ -165,7 +172,7 @@ def train(
     cfg = dataclasses.replace(cfg, model=mcfg)
 
     torch.manual_seed(tc.seed)
-    model: VLMoE = build_model(mcfg).to(device)
+    model: VLMoE = dist.parallelize(build_model(mcfg).to(device))
     opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.98))
     per_epoch = num_batches(len(train_split), tc.batch_size, drop_last=True)
     if per_epoch == 0:
@@ -180,7 +187,7 @@ def train(
     monitor = CollapseMonitor(tc.collapse_share, tc.collapse_patience)
     if state is not None:
         model.load_state_dict(ck.model.state_dict())
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(dist.shard_optimizer_state(state["optimizer"], opt, model))
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         step, metrics = state["step"], ck.metrics
@@ -190,12 +197,12 @@ def train(
     def save() -> None:
         ts = {
             "step": step,
-            "optimizer": opt.state_dict(),
+            "optimizer": dist.full_optimizer_state(opt, model),
             "scheduler": sched.state_dict(),
             "rng": torch.get_rng_state(),
             "monitor": monitor.streak,
         }
-        save_checkpoint(out, cfg, model, tokenizer, answers, metrics, ts)
+        dist.save_checkpoint(out, cfg, model, tokenizer, answers, metrics, ts)
 
     n_params, n_active = model.param_counts()
     if state is None:
@@ -207,7 +214,7 @@ def train(
     bar = tqdm(
         total=total,
         initial=step,
-        disable=not progress,
+        disable=not progress or not dist.is_main,
         desc="train",
         dynamic_ncols=True,
         file=sys.stderr,
@@ -224,20 +231,23 @@ def train(
             train_split,
             tokenizer,
             answers,
-            tc.batch_size,
+            dist.local_batch_size(tc.batch_size),
             shuffle=True,
             seed=tc.seed,
             epoch=epoch,
             drop_last=True,
             max_len=mcfg.max_text_len,
             start_batch=start,
+            rank=dist.rank,
+            world_size=dist.world_size,
         ):
             batch = batch.to(device)
             outp = model(batch.images, batch.input_ids, batch.attention_mask, batch.labels)
             opt.zero_grad(set_to_none=True)
             outp.loss.backward()
+            dist.sync_gradients(model)
             if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                dist.clip_grad_norm_(model, tc.grad_clip)
             opt.step()
             sched.step()
             step += 1
@@ -245,6 +255,7 @@ def train(
             _accumulate_routing(route_tokens, route_other, outp.routing)
             bar.update(1)
             if step % tc.log_every == 0 or step == stop:
+                dist.reduce_window(win)
                 dt = time.time() - win["t"]
                 line = {
                     "step": step,
@@ -271,13 +282,14 @@ def train(
                 last_imbalance = max(v["imbalance"] for v in summary.values())
                 for name, v in summary.items():
                     for msg in monitor.update(step, name, v["share"]):
-                        warnings.warn(msg, stacklevel=1)
+                        if dist.is_main:
+                            warnings.warn(msg, stacklevel=1)
                         metrics.append({"step": step, "kind": "warning", "message": msg})
                 route_tokens.clear()
                 route_other.clear()
             end_epoch = step % per_epoch == 0
             if end_epoch or step == stop or (tc.eval_every and step % tc.eval_every == 0):
-                val_res = evaluate(
+                val_res = dist.evaluate(
                     model,
                     val_split,
                     tokenizer,
@@ -295,7 +307,7 @@ def train(
                         "accuracy": round(val_res.accuracy, 5),
                     }
                 )
-                bar.write(
+                (bar.write if dist.is_main else str)(
                     f"step {step}: val loss {val_res.loss:.4f} accuracy {val_res.accuracy:.4f}"
                 )
                 model.train()
@@ -309,7 +321,7 @@ def train(
         test_split = load_data("easy-vqa", "test", mcfg.image_size, tc.val_fraction, tc.seed)
         if tc.eval_subset:
             test_split = test_split.subset(range(min(tc.eval_subset, len(test_split))))
-        test_res = evaluate(
+        test_res = dist.evaluate(
             model, test_split, tokenizer, answers, batch_size=tc.eval_batch_size, device=device
         )
         metrics.append(
