@@ -2,14 +2,15 @@
 
     python tests/parallel_worker.py layer OUT_DIR
     python -m torch.distributed.run --standalone --nproc-per-node N \
-        tests/parallel_worker.py train OUT_DIR [STEPS]
+        tests/parallel_worker.py train OUT_DIR [STEPS [RESUME_DIR]]
 
 with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set (torchrun sets them). ``layer``: each rank
 compares its expert-parallel layer against the single-process layer on the concatenated batch
 and writes the worst absolute differences to OUT_DIR/layer-RANK.json. ``train``: a short
 ``tiny`` run with a metric line every step into OUT_DIR/ck (also fine with one process, no
 launcher); then the checkpoint is loaded back into an expert-parallel model and rank 0 writes
-its logits on a fixed batch to OUT_DIR/logits.pt.
+its logits on a fixed batch to OUT_DIR/logits.pt; with RESUME_DIR, the run saved there (by
+any number of processes) is resumed to STEPS.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def fixed_batch(ck, n: int = 8):
                                 max_len=c.model.max_text_len))  # fmt: skip
 
 
-def train(out_dir: str, steps: str = "4") -> None:
+def train(out_dir: str, steps: str = "4", resume_dir: str = "") -> None:
     from vlmoe.checkpoint import load_checkpoint
     from vlmoe.distributed import init_from_env
     from vlmoe.train import train as run
@@ -147,6 +148,8 @@ def train(out_dir: str, steps: str = "4") -> None:
         logits = model(b.images, b.input_ids, b.attention_mask).logits
     if d.is_main:
         torch.save(logits, os.path.join(out_dir, "logits.pt"))
+    if resume_dir:  # continue a checkpoint saved by another number of processes
+        run(tiny_config(int(steps)), resume_dir, progress=False, resume=True, dist=d)
     d.shutdown()
 
 

@@ -167,7 +167,8 @@ def _metrics(ck: Path, kind: str) -> list[dict]:
 
 def test_two_process_training_equals_one_process(tmp_path):
     """Per-step loss of a 2-process tiny run = the 1-process run with the same global batch;
-    its checkpoint (full layout) loads in 1 process with the 2-process model's logits."""
+    its checkpoint (full layout) loads in 1 process with the 2-process model's logits; a
+    1-process checkpoint resumes in 2 processes on the same loss curve."""
     from vlmoe.checkpoint import load_checkpoint, load_trainer_state
     from vlmoe.data import load_data
     from vlmoe.evaluate import evaluate
@@ -177,8 +178,10 @@ def test_two_process_training_equals_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     two.mkdir()
     train(tiny_config(steps), one / "ck", progress=False)
+    # a 1-process run stopped half way, for the 2 processes to resume (1 → 2 processes)
+    train(tiny_config(steps), two / "resumed", progress=False, stop_after=steps // 2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", str(WORKER), "train", str(two), str(steps)]  # fmt: skip
+           "2", str(WORKER), "train", str(two), str(steps), str(two / "resumed")]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLMOE_DIST_TIMEOUT": "30"}
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -189,6 +192,11 @@ def test_two_process_training_equals_one_process(tmp_path):
         assert abs(x["loss"] - y["loss"]) <= 1e-4, (x, y)
         assert abs(x["aux_loss"] - y["aux_loss"]) <= 1e-4, (x, y)
         assert x["accuracy"] == y["accuracy"]
+    # resumed by 2 processes from a 1-process checkpoint: the same steps as uninterrupted
+    resumed = _metrics(two / "resumed", "train")
+    assert [m["step"] for m in resumed] == list(range(1, steps + 1))
+    for x, y in zip(a, resumed, strict=True):
+        assert abs(x["loss"] - y["loss"]) <= 1e-4, (x, y)
     for kind in ("val", "test"):
         (x,), (y,) = _metrics(one / "ck", kind), _metrics(two / "ck", kind)
         assert abs(x["loss"] - y["loss"]) <= 1e-4 and x["accuracy"] == y["accuracy"], kind
