@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from vlmoe.cli import main
@@ -16,14 +14,3 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     rc = main(["train", "--preset", "tiny", "--out", str(out), "--no-progress", "--json"])
     assert rc == 0
     return out
-
-
-def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    """Run main(argv) and return (exit code, stdout, stderr)."""
-    rc = main(list(argv))
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
-def last_json(text: str) -> dict:
-    return json.loads(text.strip().splitlines()[-1])

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import run_cli
+from cli_helpers import run_cli
 from easy_vqa import get_test_image_paths
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import last_json, run_cli
+from cli_helpers import last_json, run_cli
 from easy_vqa import get_test_image_paths
 from safetensors.torch import load_file
 
