@@ -320,7 +320,9 @@ class Dist:
         if not self.active:
             return
         v = torch.tensor(
-            [win["loss"], win["aux"], float(win["correct"]), float(win["n"])], dtype=torch.float64
+            [win["loss"], win["aux"], float(win["correct"]), float(win["n"])],
+            dtype=torch.float64,
+            device=self.device,  # NCCL reduces device tensors only
         )
         dist.all_reduce(v)
         win["loss"] = float(v[0]) / self.world_size
@@ -358,8 +360,8 @@ class Dist:
         was_training = model.training
         model.eval()
         n = len(split)
-        correct = torch.zeros(n, dtype=torch.float64)
-        loss = torch.zeros(2, dtype=torch.float64)
+        correct = torch.zeros(n, dtype=torch.float64, device=device)
+        loss = torch.zeros(2, dtype=torch.float64, device=device)
         per_rank = max(1, math.ceil(batch_size / self.world_size))
         for batch in iterate_batches(
             split, tokenizer, answers, per_rank, shuffle=False,
@@ -368,17 +370,18 @@ class Dist:
             batch = batch.to(device)
             out = model(batch.images, batch.input_ids, batch.attention_mask)
             known = batch.labels >= 0
-            hit = ((out.logits.argmax(-1) == batch.labels) & known).cpu()
-            correct[batch.question_index.cpu()] = hit.double()
+            hit = (out.logits.argmax(-1) == batch.labels) & known
+            correct[batch.question_index.to(correct.device)] = hit.double()
             if known.any():
                 loss[0] += F.cross_entropy(
                     out.logits[known].float(), batch.labels[known], reduction="sum"
-                ).item()
-                loss[1] += int(known.sum())
+                )
+                loss[1] += known.sum()
         model.train(was_training)
         dist.all_reduce(correct)
         dist.all_reduce(loss)
-        hit_Q = correct > 0.5
+        hit_Q = (correct > 0.5).cpu()
+        loss = loss.cpu()
         known_set = set(answers)
         n_unknown = sum(a not in known_set for a in split.answers)
         if n_unknown and warn_unknown and self.is_main:
