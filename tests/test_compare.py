@@ -134,6 +134,8 @@ def test_same_seed_same_result(quick_run, tmp_path):
         (["--variants", "dense", "sparse"], "unknown"),
         (["--seeds", "0"], "--seeds"),
         (["--steps", "0"], "--steps"),
+        (["--moe-layers", "x"], "--moe-layers"),
+        (["--top-k", "9"], "top_k"),
     ],
 )
 def test_bad_arguments_give_one_clean_line(capsys, tmp_path, argv, needle):

@@ -401,6 +401,33 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def apply_moe_options(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """Override the base model's MoE settings from the command line (ConfigError if invalid)."""
+    moe_kw: dict[str, Any] = {}
+    for field in ("num_experts", "top_k", "load_balance_weight", "capacity_factor"):
+        v = getattr(args, field, None)
+        if v is not None:
+            moe_kw[field] = v
+    model_kw: dict[str, Any] = {}
+    if getattr(args, "moe_layers", None):
+        if args.moe_layers == "all":
+            model_kw["moe_layers"] = tuple(range(cfg.model.n_layers))
+        else:
+            try:
+                model_kw["moe_layers"] = tuple(int(i) for i in args.moe_layers.split(","))
+            except ValueError:
+                raise ConfigError(
+                    f"--moe-layers: expected comma-separated block indices or 'all', "
+                    f"got {args.moe_layers!r}"
+                ) from None
+    try:
+        moe = dataclasses.replace(cfg.model.moe, **moe_kw)
+        model = dataclasses.replace(cfg.model, moe=moe, **model_kw)
+    except ValueError as e:  # MoEConfig / ModelConfig validation
+        raise ConfigError(str(e)) from None
+    return dataclasses.replace(cfg, model=model)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="easy-vqa", help="'easy-vqa' (default) or a JSONL file")
     p.add_argument(
@@ -421,6 +448,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help=f"which variants (default: all of {' '.join(VARIANTS)})",
     )
+    g = p.add_argument_group("MoE settings (applied to every MoE variant; dense-wide follows)")
+    g.add_argument("--num-experts", type=int, default=None, help="experts per MoE FFN")
+    g.add_argument("--top-k", type=int, default=None, help="experts per token (d_ff // k each)")
+    g.add_argument(
+        "--moe-layers",
+        default=None,
+        metavar="I,J|all",
+        help="blocks whose FFNs are MoE: comma-separated indices or 'all'",
+    )
+    g.add_argument("--load-balance-weight", type=float, default=None, help="Switch balance loss")
+    g.add_argument(
+        "--capacity-factor", type=float, default=None, help="expert capacity (default: dropless)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -438,7 +478,7 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise ConfigError(f"--variants: unknown {bad}, expected some of {', '.join(VARIANTS)}")
     variants = list(dict.fromkeys(args.variants))
-    base = quick_base() if args.quick else compare_base()
+    base = apply_moe_options(quick_base() if args.quick else compare_base(), args)
     base.data = args.data
     if args.data != "easy-vqa" and not Path(args.data).is_file():
         raise DataError(
@@ -449,6 +489,9 @@ def run(args: argparse.Namespace) -> int:
     summary = compare(base, out, steps, args.seeds, variants)
     command = f"vlmoe compare{' --quick' if args.quick else ''} --data {args.data} --steps {steps} "
     command += f"--seeds {args.seeds} --variants {' '.join(variants)}"
+    for field in ("num_experts", "top_k", "moe_layers", "load_balance_weight", "capacity_factor"):
+        if getattr(args, field, None) is not None:
+            command += f" --{field.replace('_', '-')} {getattr(args, field)}"
     summary["command"] = command
     (out / "compare.json").write_text(json.dumps(_finite(summary), indent=1))
     write_markdown(summary, out / "compare.md", command)
