@@ -127,66 +127,155 @@ def _gmm_loop_wgrad(a_SK: Tensor, g_SN: Tensor, counts: list[int], E: int) -> Te
     return out_EKN
 
 
+def _mm_grouped(a_SK: Tensor, b_EKN: Tensor, offs_E: Tensor, counts_E: Tensor) -> Tensor:
+    """Raw (no autograd) grouped matmul ``[S, K] × [E, K, N] -> [S, N]``."""
+    if a_SK.shape[0] == 0:
+        return a_SK.new_zeros(0, b_EKN.shape[-1])
+    if _gmm_ok(a_SK, b_EKN):
+        return F.grouped_mm(a_SK, b_EKN, offs=offs_E)
+    return _gmm_loop(a_SK, b_EKN, counts_E.tolist())
+
+
+def _mm_grouped_wgrad(a_SK: Tensor, g_SN: Tensor, offs_E: Tensor, counts_E: Tensor) -> Tensor:
+    """Raw per-group ``a_e^T g_e``: ``[S, K], [S, N] -> [E, K, N]``, zero for empty groups."""
+    E = counts_E.shape[0]
+    aT_KS = a_SK.t()
+    if a_SK.shape[0] > 0 and _gmm_ok(aT_KS, g_SN):
+        out_EKN = F.grouped_mm(aT_KS, g_SN, offs=offs_E)
+        empty_E = counts_E == 0
+        if bool(empty_E.any()):  # the CPU kernel zero-fills them, but that is not documented
+            out_EKN[empty_E] = 0
+        return out_EKN
+    return _gmm_loop_wgrad(a_SK, g_SN, counts_E.tolist(), E)
+
+
 def gmm(a_SK: Tensor, b_EKN: Tensor, counts_E: Tensor, offs_E: Tensor | None = None) -> Tensor:
     """Grouped matmul: rows ``offs[e-1]:offs[e]`` of ``a`` times ``b[e]``. ``[S,K]×[E,K,N] -> [S,N]``.
 
     ``counts_E`` are the per-group row counts (long or int), ``offs_E`` their int32 cumulative
     sum (computed when not given). Uses ``torch.nn.functional.grouped_mm`` when the operands
-    suit its kernel, else a loop of ``torch.mm`` over groups. Differentiable in ``a`` and ``b``.
+    suit its kernel, else a loop of ``torch.mm`` over groups. Differentiable in ``a`` and ``b``
+    (the incoming gradient is made contiguous: the CPU kernel rejects zero strides).
     """
     if offs_E is None:
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-    if _gmm_ok(a_SK, b_EKN) and a_SK.shape[0] > 0:
-        return _GroupedMM.apply(a_SK, b_EKN, offs_E)
-    return _GroupedMMLoop.apply(a_SK, b_EKN, counts_E)
+    return _GroupedMM.apply(a_SK, b_EKN, offs_E, counts_E)
 
 
 class _GroupedMM(torch.autograd.Function):
-    """``grouped_mm`` whose backward first makes the incoming gradient contiguous.
+    @staticmethod
+    def forward(ctx, a_SK: Tensor, b_EKN: Tensor, offs_E: Tensor, counts_E: Tensor) -> Tensor:
+        ctx.save_for_backward(a_SK, b_EKN, offs_E, counts_E)
+        return _mm_grouped(a_SK, b_EKN, offs_E, counts_E)
 
-    The CPU backward kernel rejects gradients with a zero stride (``out.sum().backward()``
-    produces an expanded one), and the 16-byte stride rule applies to the gradient as well.
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_SN: Tensor):
+        a_SK, b_EKN, offs_E, counts_E = ctx.saved_tensors
+        g_SN = g_SN.contiguous()
+        ga = gb = None
+        if ctx.needs_input_grad[0]:
+            ga = _mm_grouped(g_SN, b_EKN.transpose(1, 2), offs_E, counts_E)
+        if ctx.needs_input_grad[1]:
+            gb = _mm_grouped_wgrad(a_SK, g_SN, offs_E, counts_E)
+        return ga, gb, None, None
+
+
+def _act_fwd(h_SH: Tensor, activation: str) -> Tensor:
+    """``ffn_act`` into a fresh buffer with no other temporaries (SwiGLU: silu in place × up)."""
+    if activation == "gelu":
+        return F.gelu(h_SH)
+    g_SF, u_SF = h_SH.chunk(2, dim=-1)
+    return F.silu(g_SF).mul_(u_SF)
+
+
+class _RoutedFFN(torch.autograd.Function):
+    """Gather → grouped FFN → weight → scatter-add, as one autograd node.
+
+    Why one node: autograd would otherwise keep the gathered input ``x_SD``, both activation
+    halves, the activation output and the expert outputs ``y_SD`` alive until backward — about
+    3× the activation memory of the dense FFN with the same FLOPs — and would add a ``cat`` and
+    several elementwise passes. Here only ``h_SH`` is kept; the gather is redone in backward
+    (cheap next to the GEMMs) and the activation recomputed from ``h``. Every large temporary
+    is updated in place where the math allows, because on CPU each fresh large buffer costs
+    page faults. The routing weight multiplies the activation (``[S, F]``) before the down
+    projection rather than the output, so its gradient needs no saved output:
+    ``∂L/∂w_s = ⟨act(h_s), ∂L/∂(w_s·act(h_s))⟩``.
     """
 
     @staticmethod
-    def forward(ctx, a_SK: Tensor, b_EKN: Tensor, offs_E: Tensor) -> Tensor:
-        ctx.save_for_backward(a_SK, b_EKN, offs_E)
-        return F.grouped_mm(a_SK, b_EKN, offs=offs_E)
+    def forward(ctx, x_TD, w_S, w_in_EDH, w_out_EFD, tok_S, counts_E, offs_E, activation, T):
+        x_SD = x_TD if tok_S is None else x_TD.index_select(0, tok_S)
+        h_SH = _mm_grouped(x_SD, w_in_EDH, offs_E, counts_E)
+        del x_SD
+        a_SF = _act_fwd(h_SH, activation)
+        if w_S is not None:
+            a_SF.mul_(w_S[:, None].to(a_SF.dtype))
+        y_SD = _mm_grouped(a_SF, w_out_EFD, offs_E, counts_E)
+        del a_SF
+        ctx.activation = activation
+        # an intermediate, so kept on ctx (not save_for_backward) and freed mid-backward
+        ctx.h_SH = h_SH
+        ctx.save_for_backward(x_TD, w_S, w_in_EDH, w_out_EFD, tok_S, counts_E, offs_E)
+        if tok_S is None:
+            return y_SD
+        acc = torch.float32 if y_SD.dtype in (torch.bfloat16, torch.float16) else y_SD.dtype
+        # low-precision outputs are summed over the k experts in fp32
+        out_TD = torch.zeros(T, y_SD.shape[1], dtype=acc, device=y_SD.device)
+        out_TD.index_add_(0, tok_S, y_SD if acc == y_SD.dtype else y_SD.to(acc))
+        return out_TD.to(y_SD.dtype)
 
     @staticmethod
-    def backward(ctx, g_SN: Tensor):
-        a_SK, b_EKN, offs_E = ctx.saved_tensors
-        g_SN = g_SN.contiguous()
-        ga = gb = None
-        if ctx.needs_input_grad[0]:
-            ga = F.grouped_mm(g_SN, b_EKN.transpose(1, 2), offs=offs_E)
-        if ctx.needs_input_grad[1]:
-            # 2D×2D with offsets along the shared (row) dim gives one [K, N] block per group;
-            # the kernel leaves groups with no rows as zeros.
-            gb = F.grouped_mm(a_SK.t(), g_SN, offs=offs_E)
-        return ga, gb, None
-
-
-class _GroupedMMLoop(torch.autograd.Function):
-    """Loop-of-``mm`` fallback with the same contract as ``_GroupedMM``."""
-
-    @staticmethod
-    def forward(ctx, a_SK: Tensor, b_EKN: Tensor, counts_E: Tensor) -> Tensor:
-        counts = counts_E.tolist()
-        ctx.counts = counts
-        ctx.save_for_backward(a_SK, b_EKN)
-        return _gmm_loop(a_SK, b_EKN, counts)
-
-    @staticmethod
-    def backward(ctx, g_SN: Tensor):
-        a_SK, b_EKN = ctx.saved_tensors
-        g_SN = g_SN.contiguous()
-        ga = gb = None
-        if ctx.needs_input_grad[0]:
-            ga = _gmm_loop(g_SN, b_EKN.transpose(1, 2), ctx.counts)
-        if ctx.needs_input_grad[1]:
-            gb = _gmm_loop_wgrad(a_SK, g_SN, ctx.counts, b_EKN.shape[0])
-        return ga, gb, None
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gout):
+        x_TD, w_S, w_in_EDH, w_out_EFD, tok_S, counts_E, offs_E = ctx.saved_tensors
+        h_SH, act = ctx.h_SH, ctx.activation
+        del ctx.h_SH
+        need_x, need_w, need_in, need_out = ctx.needs_input_grad[:4]
+        gout = gout.contiguous()
+        gy_SD = gout if tok_S is None else gout.index_select(0, tok_S)
+        # ga = ∂L/∂(weighted activation)
+        ga_SF = _mm_grouped(gy_SD, w_out_EFD.transpose(1, 2), offs_E, counts_E)
+        if act == "swiglu":
+            g_SF, u_SF = h_SH.chunk(2, dim=-1)
+            s_SF = F.silu(g_SF)  # reused by the up-half gradient below
+            a_SF = s_SF * u_SF
+        else:
+            a_SF = F.gelu(h_SH)
+        g_wS = None
+        if w_S is not None:
+            w_S1 = w_S[:, None].to(a_SF.dtype)
+            if need_w:
+                g_wS = torch.linalg.vecdot(a_SF, ga_SF).to(w_S.dtype)
+            a_SF.mul_(w_S1)  # now the weighted activation that fed the down projection
+            ga_SF.mul_(w_S1)  # now ∂L/∂act
+        g_out = _mm_grouped_wgrad(a_SF, gy_SD, offs_E, counts_E) if need_out else None
+        del a_SF, gy_SD
+        if act == "swiglu":
+            gh_SH = torch.empty_like(h_SH)
+            Fh = g_SF.shape[-1]
+            gg_SF, gu_SF = gh_SH[:, :Fh], gh_SH[:, Fh:]
+            torch.mul(ga_SF, s_SF, out=gu_SF)
+            del s_SF
+            torch.mul(ga_SF, u_SF, out=gg_SF)
+            torch.ops.aten.silu_backward(gg_SF, g_SF, grad_input=gg_SF)
+            del g_SF, u_SF
+        else:
+            gh_SH = torch.ops.aten.gelu_backward(ga_SF, h_SH)
+        del h_SH, ga_SF
+        g_in = g_x = None
+        if need_in:
+            x_SD = x_TD if tok_S is None else x_TD.index_select(0, tok_S)
+            g_in = _mm_grouped_wgrad(x_SD, gh_SH, offs_E, counts_E)
+            del x_SD
+        if need_x:
+            gx_SD = _mm_grouped(gh_SH, w_in_EDH.transpose(1, 2), offs_E, counts_E)
+            del gh_SH
+            if tok_S is None:
+                g_x = gx_SD
+            else:
+                g_x = torch.zeros_like(x_TD).index_add_(0, tok_S, gx_SD)
+        return g_x, g_wS, g_in, g_out, None, None, None, None, None
 
 
 def grouped_ffn(
@@ -201,11 +290,12 @@ def grouped_ffn(
     ``x_SD`` must already be sorted by expert, with ``counts_E[e]`` rows for expert e (so
     ``S == counts_E.sum()``). No routing weights are applied. This is the building block for
     expert parallelism: after an all_to_all, a rank sorts its received tokens by local expert
-    and calls this with its local slice of the weights.
+    and calls this with its local slice of the weights. Differentiable in all tensors.
     """
     offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-    h_SH = gmm(x_SD, w_in_EDH, counts_E, offs_E)
-    return gmm(ffn_act(h_SH, activation), w_out_EFD, counts_E, offs_E)
+    return _RoutedFFN.apply(
+        x_SD, None, w_in_EDH, w_out_EFD, None, counts_E, offs_E, activation, x_SD.shape[0]
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,16 +352,17 @@ def grouped_experts(
     """Dropless fast path: sort assignments by expert, one grouped matmul per projection.
 
     Same contract as ``reference_experts``; no Python loop over experts (unless
-    ``grouped_mm`` cannot run and the loop fallback takes over).
+    ``grouped_mm`` cannot run and the loop fallback takes over). Gather, FFN, weighting and
+    scatter-add form one autograd node (``_RoutedFFN``) to keep activation memory near the
+    dense FFN's.
     """
     T, K = indices_TK.shape
     E = w_in_EDH.shape[0]
     order_S, counts_E, _ = sort_by_expert(indices_TK, E)
     tok_S = order_S // K
-    x_SD = x_TD.index_select(0, tok_S)
-    y_SD = grouped_ffn(x_SD, counts_E, w_in_EDH, w_out_EFD, activation)
-    w_S = weights_TK.reshape(-1).index_select(0, order_S).to(y_SD.dtype)
-    return torch.zeros_like(x_TD).index_add(0, tok_S, y_SD * w_S[:, None])
+    w_S = weights_TK.reshape(-1).index_select(0, order_S)
+    offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    return _RoutedFFN.apply(x_TD, w_S, w_in_EDH, w_out_EFD, tok_S, counts_E, offs_E, activation, T)
 
 
 def capacity_of(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
