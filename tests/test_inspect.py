@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from cli_helpers import run_cli
 from easy_vqa import get_test_image_paths
 from PIL import Image
 
 from vlmoe.analysis import analyse, collect_routing, nmi, specialization
-from vlmoe.analysis.stats import patch_content
+from vlmoe.analysis.stats import conditional_specialization, patch_content
 from vlmoe.config import ModelConfig
 from vlmoe.data import WordTokenizer, encoded_questions, load_data
 from vlmoe.models import build_model
@@ -57,6 +57,19 @@ def test_specialization_baseline_is_small_and_u_expert_flags_a_function():
     assert s["noise"]["nmi"] < 0.01 and s["noise"]["nmi"] == pytest.approx(
         s["noise"]["baseline"], abs=2e-3
     )
+
+
+def test_answer_within_kind_separates_kind_from_answer():
+    rng = np.random.default_rng(0)
+    kind = rng.integers(0, 3, 30_000)
+    answer = kind * 4 + rng.integers(0, 4, 30_000)  # the kind is implied by the answer
+    by_kind = conditional_specialization(kind, answer, kind, permutations=2)
+    assert by_kind["nmi"] == pytest.approx(
+        0.0, abs=1e-9
+    )  # an expert per kind tells nothing more about the answer
+    assert nmi(kind, answer) > 0.5  # … though the plain answer NMI is high
+    by_answer = conditional_specialization(answer % 4, answer, kind, permutations=2)
+    assert by_answer["nmi"] == pytest.approx(1.0) and by_answer["baseline"] < 0.01
 
 
 def test_patch_content_finds_the_object():
@@ -135,7 +148,7 @@ def test_hand_set_routing_is_recovered_exactly():
     assert ft["share_top1"] == pytest.approx((expected_text / expected_text.sum()).tolist())
     sv, st = fv["specialization"], ft["specialization"]
     assert sv["position"]["nmi"] == pytest.approx(1.0)  # routing = patch position
-    for var in ("question kind", "answer"):  # every question has every patch once
+    for var in ("question kind", "answer", "answer within kind"):  # every question: all patches
         assert sv[var]["nmi"] == pytest.approx(0.0, abs=1e-9), var
     assert st["word"]["u_expert"] == pytest.approx(1.0)  # routing is a function of the word
     assert sv["modality"]["by_construction"] and sv["modality"]["u_label"] == pytest.approx(1.0)

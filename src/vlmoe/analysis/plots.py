@@ -107,7 +107,7 @@ def plot_specialization(ffns: dict[str, Any], variables: tuple[str, ...], path: 
     present = [v for v in variables if any(v in f["specialization"] for f in ffns.values())]
     n = len(names)
     width = 0.8 / max(n, 1)
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(present) * max(1, n / 2)), 4.4))
+    fig, ax = plt.subplots(figsize=(min(14.0, 2.0 + len(present) * (0.5 + 0.3 * n)), 4.6))
     palette = plt.get_cmap("Set2").colors
     for i, name in enumerate(names):
         spec = ffns[name]["specialization"]
@@ -138,7 +138,8 @@ def plot_specialization(ffns: dict[str, Any], variables: tuple[str, ...], path: 
                 rotation=90 if n > 4 else 0,
             )
     ax.set_xticks(range(len(present)))
-    ax.set_xticklabels([v + ("\n(by construction)" if v == "modality" else "") for v in present])
+    ticks = [v.replace(" within ", "\nwithin ") for v in present]
+    ax.set_xticklabels([t + ("\n(by construction)" if t == "modality" else "") for t in ticks])
     ax.set_ylabel("normalised mutual information")
     ax.set_ylim(0, 1.05)
     ax.set_xlim(-0.5, len(present) - 0.5)

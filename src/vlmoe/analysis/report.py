@@ -138,7 +138,10 @@ def build_report(result: dict[str, Any], variables: tuple[str, ...]) -> list[Blo
     doc.append(("h2", "Routing of single examples"))
     doc.append(("img", "patches.png", "Top-1 expert of every patch and word for sample questions"))
     if result.get("text_experts"):
-        doc.append(("p", "Words per text expert: see `text_experts.md`."))
+        # the same section as text_experts.md, one heading level down
+        demote = {"h1": "h2", "h2": "h3", "h3": "h3"}
+        for b in build_text_experts(result):
+            doc.append((demote[b[0]], *b[1:]) if b[0] in demote else b)
     return doc
 
 

@@ -9,6 +9,9 @@ Specialisation variables (token labels the top-1 expert is compared with):
                    `by_construction`, and not read as a finding.
     question kind  yes/no, color, shape, … of the token's question
     answer         the token's question's gold answer
+    answer within kind   the same, beyond what the question kind already tells (conditional
+                   mutual information I(expert; answer | kind)): a yes/no question implies a
+                   yes/no answer, so `answer` alone also credits specialisation by kind
     word           text tokens: the word itself ([CLS] included)
     position       vision: patch index in the grid; text: word position
     patch content  vision: background / edge / object patch (`stats.patch_content`)
@@ -23,6 +26,7 @@ import numpy as np
 from vlmoe.analysis.stats import (
     PATCH_CONTENT_NAMES,
     FFNTrace,
+    conditional_specialization,
     contingency,
     encode_labels,
     load_stats,
@@ -31,7 +35,15 @@ from vlmoe.analysis.stats import (
 )
 from vlmoe.data import VQASplit, WordTokenizer
 
-VARIABLES = ("modality", "question kind", "answer", "word", "position", "patch content")
+VARIABLES = (
+    "modality",
+    "question kind",
+    "answer",
+    "answer within kind",
+    "word",
+    "position",
+    "patch content",
+)
 #: NMI above its random baseline by at least this much is called a finding
 MEANINGFUL = 0.05
 
@@ -72,15 +84,17 @@ def analyse(
             labels["word"] = tr.word[keep]
         if tr.modality == "vision":
             labels["patch content"] = content_NP[image_Q[q], pos].astype(np.int64)
+        spec = specialization(expert, labels, E, permutations=permutations, seed=seed)
+        spec["answer within kind"] = conditional_specialization(
+            expert, answer_Q[q], kind_Q[q], permutations=permutations, seed=seed
+        )
         entry: dict[str, Any] = {
             "layer": tr.layer,
             "modality": tr.modality,
             "num_experts": E,
             "top_k": tr.top_k,
             **load_stats(tr),
-            "specialization": specialization(
-                expert, labels, E, permutations=permutations, seed=seed
-            ),
+            "specialization": {v: spec[v] for v in VARIABLES if v in spec},
             "by_kind": {
                 "values": kind_names,
                 "counts": contingency(expert, kind_Q[q], E, len(kind_names)).tolist(),
@@ -121,7 +135,8 @@ def analyse(
         )
         modality[f"layer{layer}"] = s
         for name in (v.name, t.name):
-            ffns[name]["specialization"]["modality"] = s
+            spec = {"modality": s, **ffns[name]["specialization"]}
+            ffns[name]["specialization"] = {k: spec[k] for k in VARIABLES if k in spec}
 
     return {
         "ffns": ffns,
@@ -214,15 +229,17 @@ def findings(ffns: dict[str, Any]) -> list[str]:
         if share[busiest] > 0.5:
             load += " — **routing collapse**: one expert takes most tokens"
         spec = {k: v for k, v in f["specialization"].items() if not v.get("by_construction")}
+        if "answer within kind" in spec and "question kind" in spec:
+            spec.pop("answer")  # its kind part is already counted under "question kind"
         ranked = sorted(spec.items(), key=lambda kv: kv[1]["nmi"] - kv[1]["baseline"], reverse=True)
         if ranked and ranked[0][1]["nmi"] - ranked[0][1]["baseline"] >= MEANINGFUL:
             parts = [
                 f"{k} (NMI {v['nmi']:.2f} vs {v['baseline']:.2f} random; "
                 f"it explains {v['u_expert']:.0%} of the routing entropy)"
-                for k, v in ranked[:2]
+                for k, v in ranked[:3]
                 if v["nmi"] - v["baseline"] >= MEANINGFUL
             ]
-            load += ". Experts follow " + " and ".join(parts) + "."
+            load += ". Experts follow " + ", then ".join(parts) + "."
         else:
             load += ". No measured variable explains the routing (every NMI within "
             load += f"{MEANINGFUL} of random)."
