@@ -1,7 +1,8 @@
 """Benchmark of one MoE layer against its dense equivalent and transformers' Mixtral block.
 
-    python bench/moe_layer.py            # full table (~several minutes on 2 CPU cores)
-    python bench/moe_layer.py --quick    # smoke run: T=256 configs, 3 repeats
+    python bench/moe_layer.py            # full table (~10 minutes on 2 CPU cores)
+    python bench/moe_layer.py --quick    # smoke run: T=256 configs, 3 repeats, no HF/reference
+    python bench/moe_layer.py --threads 1 --clock cpu   # on a shared, oversubscribed machine
 
 Prints one table. For each config (T tokens, D, F, E experts, top-k):
     fwd ms        median forward time, inference (``torch.no_grad``)
@@ -20,7 +21,16 @@ Rows: vlmoe dropless (impl "grouped"), vlmoe capacity 1.25 (impl "capacity"), vl
 transformers ``MixtralSparseMoeBlock`` with each CPU experts implementation (eager, batched_mm,
 grouped_mm; same weights and routing as vlmoe), and the dense SwiGLU FFN with hidden k·F —
 the same active FLOPs per token, i.e. the limit a sparse layer can approach.
-Timing: fp32, ``torch.get_num_threads()`` threads, 1 warm-up + N timed repeats, median.
+Timing: fp32, ``torch.get_num_threads()`` threads (``--threads``), 1 warm-up + N timed
+repeats, median; ``--clock wall`` (default, ``perf_counter``) or ``--clock cpu``
+(``process_time``: CPU seconds of this process, stable when other jobs share the cores; use
+it with ``--threads 1``, since idle OpenMP workers spin and would be counted).
+Allocator: by default the bench asks glibc (``mallopt``) to keep freed large blocks instead of
+returning them to the OS — ``vlmoe.moe.keep_freed_memory()``, the CPU analogue of PyTorch's
+CUDA caching allocator. Without it every tensor over 32 MiB is a fresh ``mmap`` whose pages
+the kernel faults in and zeroes on first touch (~25 ms per 64 MiB here), a cost that falls
+on every row but most on layers with many large temporaries. ``--system-malloc`` measures
+the untouched allocator. The setting applies to all rows alike.
 batched_mm gathers one [2F, D] weight matrix per token-expert pair; rows where that would
 exceed 2 GiB are skipped.
 """
@@ -37,7 +47,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from vlmoe.moe import DenseFFN, MoE, MoEConfig, from_hf_mixtral, mixtral_block
+from vlmoe.moe import DenseFFN, MoE, MoEConfig, from_hf_mixtral, keep_freed_memory, mixtral_block
 
 CONFIGS = {
     "coarse": dict(D=512, F=1024, E=8, k=2),
@@ -67,13 +77,16 @@ def _step(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
         y.backward(g)
 
 
+_clock = time.perf_counter
+
+
 def _median_ms(fn: Callable[[], None], repeats: int) -> float:
     fn()  # warm-up (allocator, thread pool, lazy inits)
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = _clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(_clock() - t0)
     return 1e3 * statistics.median(times)
 
 
@@ -106,20 +119,23 @@ def _measure(model: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, float
         with torch.no_grad():
             model(x)
 
+    def mem_step():  # gradients are cleared before the profiled window, not inside it
+        _step(model, x, g)
+
     res = {"fwd": _median_ms(fwd, repeats), "fwdbwd": _median_ms(train_step, repeats)}
     for p in params:
         p.grad = None
-    res["peak"] = _peak_mb(train_step)
+    res["peak"] = _peak_mb(mem_step)
+    for p in params:
+        p.grad = None
     hooks = [
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in params
     ]
     try:
-        res["act"] = _peak_mb(train_step)
+        res["act"] = _peak_mb(mem_step)
     finally:
         for h in hooks:
             h.remove()
-    for p in params:
-        p.grad = None
     return res
 
 
@@ -156,16 +172,30 @@ def _rows(T: int, D: int, F: int, E: int, k: int, hf: bool):
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="T=256 only, 3 repeats")
+    ap.add_argument(
+        "--quick", action="store_true", help="T=256 only, 3 repeats, no HF/reference rows"
+    )
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7; quick 3)")
     ap.add_argument("--tokens", type=int, nargs="*", default=None, help="token counts T")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    ap.add_argument("--system-malloc", action="store_true", help="leave glibc malloc as is")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference rows")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    global _clock
+    _clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    malloc = "system malloc" if args.system_malloc else "freed blocks kept"
+    if not args.system_malloc and not keep_freed_memory():
+        malloc = "system malloc (mallopt unavailable)"
     repeats = args.repeats or (3 if args.quick else 7)
     tokens = args.tokens or ([256] if args.quick else [4096, 256])
-    hf = not args.no_hf
+    hf = not args.no_hf and not args.quick
+    if args.quick:
+        args.no_reference = True
     if hf:
         try:
             import transformers  # noqa: F401
@@ -174,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f"# vlmoe MoE layer benchmark: fp32, CPU, {torch.get_num_threads()} threads, "
-        f"median of {repeats}, torch {torch.__version__}"
+        f"median of {repeats}, {args.clock} clock, {malloc}, torch {torch.__version__}"
     )
     hdr = (
         f"| {'config':<30} | {'implementation':<30} | {'fwd ms':>8} | {'fwd+bwd ms':>10} | "

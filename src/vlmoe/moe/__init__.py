@@ -21,6 +21,7 @@ Pieces (each importable on its own):
     load_balance_loss, z_loss, importance_loss, load_loss,
       local_entropy_loss, global_entropy_loss, sigmoid_bias_update     losses.py
     from_hf_mixtral, to_hf_mixtral, mixtral_block                     hf.py (needs transformers)
+    keep_freed_memory (opt-in glibc setting for fast large CPU tensors) cpu.py
 
 For expert parallelism (``vlmoe.moe.parallel``):
     * ``moe.route(x_TD) -> (decision, chosen_TK, noisy_logits)`` gives the routing (with
@@ -37,6 +38,7 @@ For expert parallelism (``vlmoe.moe.parallel``):
     * ``moe.aux_losses(...)`` and ``moe.stats(...)`` finish the forward given the routing.
 """
 
+from .cpu import keep_freed_memory
 from .experts import (
     DenseFFN,
     Experts,
@@ -97,6 +99,7 @@ __all__ = [
     "grouped_experts",
     "grouped_ffn",
     "importance_loss",
+    "keep_freed_memory",
     "load_balance_loss",
     "load_loss",
     "local_entropy_loss",
