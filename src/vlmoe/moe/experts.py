@@ -379,31 +379,35 @@ def capacity_experts(
     activation: str = "swiglu",
     capacity: int | None = None,
 ) -> Tensor:
-    """Capacity path (GShard/Switch): scatter tokens into ``[E, C, D]`` buffers, batched matmul.
+    """Capacity path (GShard/Switch): every expert gets a fixed ``[C, D]`` slot buffer.
 
-    Static-shape by construction (useful for compilers and fixed-size all_to_all). Expects the
-    routing to have been passed through ``routing.apply_capacity`` with the same ``capacity``;
-    if an expert still holds more than C assignments, the extra ones (in slot order) are
-    dropped here too. ``capacity=None`` uses the largest expert load (no drops).
+    Static-shape by construction (what compilers and fixed-size all_to_all want): the expert
+    FFNs run over ``E·C`` rows whatever the routing, empty slots holding a zero token with
+    weight 0. Expects the routing to have been passed through ``routing.apply_capacity`` with
+    the same ``capacity``; if an expert still holds more than C assignments, the extra ones
+    (in slot order) are dropped here too. ``capacity=None`` uses the largest expert load.
     """
     T, K = indices_TK.shape
     E, D = w_in_EDH.shape[0], x_TD.shape[-1]
     order_S, counts_E, _ = sort_by_expert(indices_TK, E)
     e_S = indices_TK.reshape(-1).index_select(0, order_S)
-    C = int(counts_E.max()) if capacity is None else capacity
-    C = max(C, 1)
+    C = max(1, int(counts_E.max()) if capacity is None else capacity)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     pos_S = torch.arange(order_S.numel(), device=x_TD.device) - starts_E.index_select(0, e_S)
     keep_S = pos_S < C
     order_S, e_S, pos_S = order_S[keep_S], e_S[keep_S], pos_S[keep_S]
-    tok_S = order_S // K
     slot_S = e_S * C + pos_S
-    buf_XD = x_TD.new_zeros(E * C, D).index_copy(0, slot_S, x_TD.index_select(0, tok_S))
-    h_ECH = torch.bmm(buf_XD.view(E, C, D), w_in_EDH)
-    y_ECD = torch.bmm(ffn_act(h_ECH, activation), w_out_EFD)
-    y_SD = y_ECD.reshape(E * C, D).index_select(0, slot_S)
-    w_S = weights_TK.reshape(-1).index_select(0, order_S).to(y_SD.dtype)
-    return torch.zeros_like(x_TD).index_add(0, tok_S, y_SD * w_S[:, None])
+    # slot → token; empty slots point at an extra all-zero row T
+    tok_X = torch.full((E * C,), T, dtype=torch.long, device=x_TD.device)
+    tok_X[slot_S] = order_S // K
+    w_X = weights_TK.new_zeros(E * C).index_put((slot_S,), weights_TK.reshape(-1)[order_S])
+    x_pad = torch.cat([x_TD, x_TD.new_zeros(1, D)])
+    counts_C = torch.full((E,), C, dtype=torch.long, device=x_TD.device)
+    offs_E = torch.cumsum(counts_C, 0, dtype=torch.int32)
+    out = _RoutedFFN.apply(
+        x_pad, w_X, w_in_EDH, w_out_EFD, tok_X, counts_C, offs_E, activation, T + 1
+    )
+    return out[:T]
 
 
 class Experts(nn.Module):
@@ -438,7 +442,7 @@ class Experts(nn.Module):
         """``y_TD = Σ_k weights_TK[:, k] · FFN_{indices_TK[:, k]}(x_TD)``; -1 slots skipped.
 
         ``impl``: ``"reference"`` (loop over experts), ``"grouped"`` (sort + grouped matmul),
-        ``"capacity"`` (``[E, C, D]`` buffers + bmm, with ``capacity`` C).
+        ``"capacity"`` (fixed ``[C, D]`` slot buffer per expert, ``capacity`` C, static shapes).
         """
         args = (x_TD, indices_TK, weights_TK, self.w_in_EDH, self.w_out_EFD, self.activation)
         if impl == "reference":

@@ -91,7 +91,7 @@ class MoEConfig:
     impl: str = "auto"
     """Execution path: ``"reference"`` (loop over experts; the ground truth for tests) |
     ``"grouped"`` (sort by expert + grouped matmul, no loop over experts) | ``"capacity"``
-    (``[E, C, D]`` buffers + bmm, static shapes) | ``"auto"`` (= ``"grouped"``, the fastest
+    (fixed C-slot buffer per expert, static shapes) | ``"auto"`` (= ``"grouped"``, the fastest
     on CPU whether or not tokens are dropped). All paths compute the same function."""
 
     def __post_init__(self) -> None:
