@@ -303,7 +303,7 @@ def _fmt_params(n: int) -> str:
 def table(summary: dict[str, Any]) -> str:
     """The results table in Markdown."""
     rows = [
-        "| variant | params (total) | params (active) | GFLOPs/sample (fwd) | ms/step | "
+        "| variant | params (total) | params (active) | MFLOPs/sample (fwd) | ms/step | "
         "val loss | Δ loss vs dense (paired) | val accuracy |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -315,7 +315,7 @@ def table(summary: dict[str, Any]) -> str:
         )
         rows.append(
             f"| {name} | {_fmt_params(v['params_total'])} | {_fmt_params(v['params_active'])} | "
-            f"{v['flops_per_sample'] / 1e9:.4f} | {v['step_seconds_median'] * 1000:.0f} | "
+            f"{v['flops_per_sample'] / 1e6:.2f} | {v['step_seconds_median'] * 1000:.0f} | "
             f"{v['val_loss_mean']:.4f} ± {v['val_loss_std']:.4f} | {delta} | "
             f"{v['val_accuracy_mean'] * 100:.2f} ± {v['val_accuracy_std'] * 100:.2f}% |"
         )
@@ -326,6 +326,19 @@ def write_markdown(summary: dict[str, Any], path: Path, command: str) -> None:
     m = summary["model"]
     moe = m["moe"]
     n = len(summary["seeds"])
+    budget_note = (
+        " — a fraction of one epoch, so no sample is seen twice and validation loss measures how "
+        "much each model learns per sample and per FLOP"
+        if summary["epochs"] <= 1
+        else f" ({summary['epochs']:.2f} epochs here: check the accuracy column)"
+    )
+    top_acc = max(v["val_accuracy_mean"] for v in summary["variants"].values())
+    saturated = (
+        f" **Warning:** a variant reached {top_acc:.1%} validation accuracy — near saturation; "
+        "use fewer --steps for a sharper comparison."
+        if top_acc > 0.97
+        else ""
+    )
     text = f"""# vlmoe compare — dense vs sparse MoE at equal compute
 
 Command: `{command}`  (wall time {summary["wall_seconds"] / 60:.1f} min)
@@ -341,12 +354,13 @@ excluded), measured on whatever else the machine was running.
 **Setup.** Data `{summary["data"]}`, {summary["train_questions"]} training questions; every
 variant runs the same {summary["steps"]} steps of batch {summary["batch_size"]}
 ({summary["epochs"]:.2f} epochs) with {summary["optimizer"]}, the same seeds, so the same data
-order. Base model: {m["image_size"]}×{m["image_size"]} images in {m["patch_size"]}×
-{m["patch_size"]} patches, D={m["d_model"]}, {m["n_layers"]} blocks, dense FFN d_ff={m["d_ff"]};
-MoE in blocks {list(m["moe_layers"])}: {moe["num_experts"]} experts of
-d_ff/top_k={m["d_ff"] // moe["top_k"]}, top-{moe["top_k"]} {moe["router"]} router,
-load-balance weight {moe["load_balance_weight"]}, z-loss {moe["z_loss_weight"]},
-capacity {moe["capacity_factor"] or "dropless"}.
+order; {summary.get("threads", 1)} torch thread(s) per run. Base model:
+{m["image_size"]}×{m["image_size"]} images in {m["patch_size"]}×{m["patch_size"]} patches
+({m["image_size"] // m["patch_size"]} × {m["image_size"] // m["patch_size"]} tokens),
+D={m["d_model"]}, {m["n_layers"]} blocks, dense FFN d_ff={m["d_ff"]}; MoE in blocks
+{list(m["moe_layers"])}: {moe["num_experts"]} experts of d_ff/top_k={m["d_ff"] // moe["top_k"]},
+top-{moe["top_k"]} {moe["router"]} router, load-balance weight {moe["load_balance_weight"]},
+z-loss {moe["z_loss_weight"]}, capacity {moe["capacity_factor"] or "dropless"}.
 
 - `dense`: MoE off — the twin with equal *active* parameters and FLOPs (the MoE adds only its
   routers).
@@ -356,9 +370,8 @@ capacity {moe["capacity_factor"] or "dropless"}.
 
 **Why this budget.** easy-VQA saturates near 100% accuracy; once there, cross-entropy
 differences only measure confidence. The comparison is therefore made at a budget well before
-saturation — a fraction of one epoch, so no sample is seen twice and validation loss measures
-how much each model learns per sample and per FLOP — and it compares validation
-cross-entropy (accuracy is shown but is the coarser signal).
+saturation{budget_note} — and it compares validation cross-entropy (accuracy is shown but is
+the coarser signal).{saturated}
 
 **FLOPs.** {summary["flops_convention"]}. Mean question length
 {summary["mean_text_tokens"]} tokens. Cross-checked against
@@ -391,7 +404,6 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     axes[1].set_xscale("log")
     for ax in axes:
         ax.set_ylabel("validation cross-entropy")
-        ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
     axes[0].legend()
     n = len(summary["seeds"])
