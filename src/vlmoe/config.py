@@ -114,6 +114,7 @@ class TrainConfig:
     collapse_share: float = 0.5  #: warn when one expert takes more than this share of tokens …
     collapse_patience: int = 3  #: … or an expert stays under 1%, for this many routing checks
     eval_batch_size: int = 512  #: batch size for validation and test
+    hflip: bool = True  #: random horizontal flips of training images (answers are flip-invariant)
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:

@@ -242,7 +242,14 @@ def train(
             world_size=dist.world_size,
         ):
             batch = batch.to(device)
-            outp = model(batch.images, batch.input_ids, batch.attention_mask, batch.labels)
+            images = batch.images
+            if tc.hflip:  # easy-VQA answers (colour, shape, yes/no) do not change under a mirror
+                # drawn for the global batch, each rank keeps its rows: same flips at any W
+                flip = dist.rank_slice(torch.rand(images.shape[0] * dist.world_size)) < 0.5
+                images = torch.where(
+                    flip.to(images.device)[:, None, None, None], images.flip(-1), images
+                )
+            outp = model(images, batch.input_ids, batch.attention_mask, batch.labels)
             opt.zero_grad(set_to_none=True)
             outp.loss.backward()
             dist.sync_gradients(model)
