@@ -71,7 +71,7 @@ class _Out(nn.Module):
 
 def _step(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
     y, aux = model(x)
-    if aux is not None:
+    if aux is not None and aux.requires_grad:
         torch.autograd.backward([y, aux], [g, torch.ones_like(aux)])
     else:
         y.backward(g)

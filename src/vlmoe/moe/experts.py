@@ -18,6 +18,20 @@ transposes (``gate_up_proj [E, 2F, D]``, ``down_proj [E, D, F]``); see ``vlmoe.m
 Semantics shared by all paths: ``y[t] = Σ_k weights[t, k] · FFN_{indices[t, k]}(x[t])`` where
 slots with ``indices[t, k] == -1`` (dropped / padding) contribute nothing. The reference loop
 below *is* that formula; every fast path is tested against it.
+
+Paths:
+    reference_experts  loop over experts with boolean masks (short, obviously right, slow)
+    grouped_experts    dropless: stable argsort of the T·K assignments by expert, then the
+                       fused node ``_RoutedFFN`` — gather rows, grouped matmul (gate‖up in one
+                       GEMM), activation, routing weight, grouped matmul, scatter-add — with a
+                       hand-written backward that keeps only ``h_SH`` alive
+    capacity_experts   the same node over E fixed C-row slot buffers (static shapes; empty
+                       slots read a zero row with weight 0)
+    grouped_ffn        the node without gather/scatter/weights, for tokens already sorted by
+                       expert (what an expert-parallel rank runs on the tokens it received)
+Grouped matmuls use ``torch.nn.functional.grouped_mm`` where its kernel accepts the operands
+(CPU fp32/bf16 with 16-byte-aligned strides, CUDA bf16 on SM80+) and a loop of ``torch.mm``
+over experts otherwise.
 """
 
 from __future__ import annotations
