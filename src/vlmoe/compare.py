@@ -404,7 +404,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
     axes[0].set_xlabel("training step")
     axes[1].set_xlabel("training FLOPs (3 × forward, 2·MACs)")
-    axes[1].set_xscale("log")
+    axes[1].ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
     for ax in axes:
         ax.set_ylabel("validation cross-entropy")
         ax.grid(alpha=0.3, which="both")
