@@ -64,6 +64,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlmoe.train import train
 
     cfg = get_preset(args.preset)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads: expected >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.data is not None:
         cfg.data = args.data
     if args.epochs is not None:
@@ -208,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="STEPS",
         help="stop and save after this many steps (resume later with --resume)",
+    )
+    t.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's choice; 1 is faster on a busy machine)",
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument(

@@ -197,8 +197,13 @@ def default() -> RunConfig:
     (measured ≥ 99% test accuracy within 15 minutes).
     """
     return RunConfig(
-        model=ModelConfig(moe=MoEConfig(d_model=128, d_ff=256, num_experts=8, top_k=2)),
-        train=TrainConfig(),
+        model=ModelConfig(
+            patch_size=16,
+            stem_channels=16,
+            d_ff=256,
+            moe=MoEConfig(d_model=128, d_ff=128, num_experts=8, top_k=2),
+        ),
+        train=TrainConfig(epochs=10, lr=1e-3),
         preset="default",
     )
 
