@@ -36,22 +36,24 @@ class ModelConfig:
     """
 
     image_size: int = 64  #: images are resized to image_size × image_size RGB
-    patch_size: int = 8  #: the conv stem turns each patch_size² patch into one token
-    stem_channels: int = 32  #: width of the first conv of the stem
+    patch_size: int = 16  #: the conv stem turns each patch_size² patch into one token
+    stem_channels: int = 16  #: width of the first conv of the stem
     vocab_size: int = 0  #: word vocabulary size; 0 = take it from the tokenizer at build time
     max_text_len: int = 24  #: questions are truncated to this many tokens ([CLS] included)
     num_answers: int = 0  #: size of the answer head; 0 = take it from the training data
     d_model: int = 128  #: token width D
     n_layers: int = 4  #: number of transformer blocks
     n_heads: int = 4  #: attention heads (d_model must be divisible by it)
-    d_ff: int = 512  #: hidden size of a dense FFN; MoE experts get d_ff // top_k each
+    d_ff: int = 256  #: hidden size of a dense FFN; MoE experts get d_ff // top_k each
     moe_layers: tuple[int, ...] = (1, 3)  #: block indices whose FFNs are MoE
     moe_vision: bool = True  #: MoE in the vision FFN of the moe_layers
     moe_text: bool = True  #: MoE in the text FFN of the moe_layers
     vl_layers: int = 0  #: top blocks with one shared vision-language FFN (dense)
     dropout: float = 0.0  #: dropout on attention output and FFN output
     #: the MoE layer settings; d_model and d_ff here are filled in by the model
-    moe: MoEConfig = field(default_factory=lambda: MoEConfig(d_model=128, d_ff=256))
+    moe: MoEConfig = field(
+        default_factory=lambda: MoEConfig(d_model=128, d_ff=128, num_experts=8, top_k=2)
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -96,9 +98,9 @@ class ModelConfig:
 class TrainConfig:
     """How to train: optimiser, schedule, batch, logging and checkpointing."""
 
-    epochs: float = 8  #: passes over the training split (fractions allowed: 0.5 = half an epoch)
+    epochs: float = 10  #: passes over the training split (fractions allowed: 0.5 = half an epoch)
     batch_size: int = 128  #: global batch size (split over processes when distributed)
-    lr: float = 2e-3  #: peak learning rate of AdamW
+    lr: float = 1e-3  #: peak learning rate of AdamW (2e-3 stays longer on the language prior)
     weight_decay: float = 0.05  #: AdamW weight decay (not applied to norms, biases, embeddings)
     warmup_steps: int = 100  #: linear warm-up steps, then cosine decay to min_lr_ratio·lr
     min_lr_ratio: float = 0.05  #: final learning rate as a fraction of lr
@@ -155,11 +157,11 @@ class RunConfig:
 
 
 def tiny() -> RunConfig:
-    """Tests and smoke runs: `vlmoe train --preset tiny` — a few seconds on 2 CPU cores.
+    """Tests and smoke runs: `vlmoe train --preset tiny` — about 10 s on 2 CPU cores.
 
     32×32 images (16 patches), D=32, 2 blocks, 4 experts top-2 in block 1, 768 training
-    questions, one epoch. Accuracy is whatever a few dozen steps give (~40-60%); it exists to
-    run the whole pipeline fast, not to be good.
+    questions, one epoch (24 steps). It exists to run the whole pipeline fast, not to be good:
+    it answers from the question alone (~33% test accuracy on the first 256 test questions).
     """
     return RunConfig(
         model=ModelConfig(
@@ -192,10 +194,12 @@ def tiny() -> RunConfig:
 def default() -> RunConfig:
     """The main job: `vlmoe train` — trains VL-MoE on easy-VQA.
 
-    64×64 images as 64 patch tokens, D=128, 4 blocks, vision and text MoE (8 experts, top-2)
-    in blocks 1 and 3, dense elsewhere. Expected on 2 CPU cores: see the README's results table
-    (measured ≥ 99% test accuracy within 15 minutes).
+    64×64 images as 16 patch tokens (conv stem, 16×16-pixel patches), D=128, 4 blocks, vision
+    and text MoE (8 experts of hidden 128, top-2) in blocks 1 and 3, dense FFNs (hidden 256)
+    elsewhere: 2.36M parameters, 1.18M active. 10 epochs of batch 128 (2,710 steps).
+    Measured on an idle 2-core CPU: 7 min 49 s wall, 99.94% test accuracy (README, Results).
     """
+    # the dataclass defaults are this preset; spelled out here so the preset reads whole
     return RunConfig(
         model=ModelConfig(
             patch_size=16,

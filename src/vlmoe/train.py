@@ -314,9 +314,11 @@ def train(
                         "accuracy": round(val_res.accuracy, 5),
                     }
                 )
-                (bar.write if dist.is_main else str)(
-                    f"step {step}: val loss {val_res.loss:.4f} accuracy {val_res.accuracy:.4f}"
-                )
+                msg = f"step {step}: val loss {val_res.loss:.4f} accuracy {val_res.accuracy:.4f}"
+                if progress and dist.is_main:
+                    bar.write(msg, file=sys.stderr)  # above the bar; stdout stays for results
+                else:
+                    log(msg)
                 model.train()
             if end_epoch or step == stop or (tc.save_every and step % tc.save_every == 0):
                 save()
