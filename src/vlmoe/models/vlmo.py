@@ -113,17 +113,18 @@ class VLMoE(nn.Module):
         """(total parameters, parameters active per token-forward).
 
         Active counts each MoE FFN as its `param_counts()` active share (router + shared +
-        top-k experts); everything else is active.
+        top-k experts); everything else is active. MoE FFNs report their own whole-layer
+        counts, so under expert parallelism (each rank holds a slice of the experts) this still
+        counts the full model.
         """
         from vlmoe.moe import MoE
 
-        total = sum(p.numel() for p in self.parameters())
-        inactive = 0
-        for m in self.modules():
-            if isinstance(m, MoE):
-                t, a = m.param_counts()
-                inactive += t - a
-        return total, total - inactive
+        moes = [m for m in self.modules() if isinstance(m, MoE)]
+        local = sum(p.numel() for p in self.parameters())
+        moe_local = sum(p.numel() for m in moes for p in m.parameters())
+        counts = [m.param_counts() for m in moes]
+        rest = local - moe_local
+        return rest + sum(t for t, _ in counts), rest + sum(a for _, a in counts)
 
 
 def _init_linear(m: nn.Module) -> None:
