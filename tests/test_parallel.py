@@ -240,7 +240,10 @@ def test_dead_or_stuck_process_ends_the_run_with_an_error(tmp_path, sig):
     `vlmoe: error: distributed: ...` line, well within 60 s."""
     port = free_port()
     argv = [sys.executable, "-m", "vlmoe", "train", "--preset", "tiny", "--no-progress",
-            "--out", str(tmp_path / "ck"), "--dist-timeout", "5"]  # fmt: skip
+            "--out", str(tmp_path / "ck"), "--dist-timeout", "5",
+            # far more steps than the test lets run: the kill must land mid-training, even
+            # on a fast idle machine where one tiny epoch takes about a second
+            "--epochs", "200"]  # fmt: skip
     logs = [tmp_path / f"err{r}.txt" for r in range(2)]
     procs = []
     for r in range(2):
