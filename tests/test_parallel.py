@@ -191,7 +191,9 @@ def test_two_process_training_equals_one_process(tmp_path):
     for x, y in zip(a, b, strict=True):
         assert abs(x["loss"] - y["loss"]) <= 1e-4, (x, y)
         assert abs(x["aux_loss"] - y["aux_loss"]) <= 1e-4, (x, y)
-        assert x["accuracy"] == y["accuracy"]
+        # accuracy is an argmax: float summation order (1 vs 2 processes) may flip a near-tie
+        # of the barely trained tiny model, so allow one question in a hundred
+        assert abs(x["accuracy"] - y["accuracy"]) <= 0.01, (x, y)
     # resumed by 2 processes from a 1-process checkpoint: the same steps as uninterrupted
     resumed = _metrics(two / "resumed", "train")
     assert [m["step"] for m in resumed] == list(range(1, steps + 1))
@@ -199,7 +201,8 @@ def test_two_process_training_equals_one_process(tmp_path):
         assert abs(x["loss"] - y["loss"]) <= 1e-4, (x, y)
     for kind in ("val", "test"):
         (x,), (y,) = _metrics(one / "ck", kind), _metrics(two / "ck", kind)
-        assert abs(x["loss"] - y["loss"]) <= 1e-4 and x["accuracy"] == y["accuracy"], kind
+        assert abs(x["loss"] - y["loss"]) <= 1e-4, kind
+        assert abs(x["accuracy"] - y["accuracy"]) <= 0.01, kind
     ra, rb = _metrics(one / "ck", "routing"), _metrics(two / "ck", "routing")
     assert [m["layers"].keys() for m in ra] == [m["layers"].keys() for m in rb]
     for x, y in zip(ra, rb, strict=True):

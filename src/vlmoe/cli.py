@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -102,10 +103,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     except Exception as e:
         if dist.active and (msg := describe_failure(e)) is not None:
-            raise DistributedError(msg) from None  # one line, not a traceback
-        raise
-    finally:
+            # A peer died or hangs: tearing the process group down (or any exit handler) may
+            # block on that peer, so report in one line and leave at once — a bounded exit,
+            # never a hang.
+            print(f"vlmoe: error: {msg}", file=sys.stderr, flush=True)
+            os._exit(1)
         dist.shutdown()
+        raise
+    dist.shutdown()
     if not dist.is_main:
         return 0
     summary = {
