@@ -36,7 +36,8 @@ class UsageError(ValueError):
     """A command-line value is invalid (e.g. an unavailable device)."""
 
 
-def _device(name: str) -> str:
+def parse_device(name: str) -> str:
+    """A --device value → a torch device string; unavailable devices raise UsageError."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -90,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlmoe.distributed import describe_failure, init_from_env
 
     # under torchrun (WORLD_SIZE > 1): join the process group; rank 0 logs, prints and saves
-    dist = init_from_env(_device(args.device), args.dist_timeout)
+    dist = init_from_env(parse_device(args.device), args.dist_timeout)
     try:
         res = train(
             cfg,
@@ -144,7 +145,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vlmoe.data import load_data
     from vlmoe.evaluate import evaluate
 
-    ck = load_checkpoint(args.checkpoint, _device(args.device))
+    device = parse_device(args.device)
+    ck = load_checkpoint(args.checkpoint, device)
     split_name = args.split
     data = args.data or ck.config.data
     split = load_data(
@@ -156,7 +158,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = evaluate(ck.model, split, ck.tokenizer, ck.answers, device=_device(args.device))
+        res = evaluate(ck.model, split, ck.tokenizer, ck.answers, device=device)
     for w in caught:
         print(f"vlmoe: warning: {w.message}", file=sys.stderr)
     if args.json:
@@ -176,7 +178,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     if not args.question.strip():
         raise UsageError("question: expected a non-empty question, got an empty string")
-    ck = load_checkpoint(args.checkpoint, _device(args.device))
+    ck = load_checkpoint(args.checkpoint, parse_device(args.device))
     image = load_image(args.image, ck.config.model.image_size)
     top = answer_question(ck.model, ck.tokenizer, ck.answers, image, args.question, top=3)
     if args.json:
@@ -186,6 +188,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
     for a, p in top:
         print(f"  {a:<12} {p:.3f}")
     return 0
+
+
+def add_checkpoint_data_arguments(p: argparse.ArgumentParser, split_help: str) -> None:
+    """--checkpoint, --data and --split, shared by the commands that read a checkpoint."""
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder written by vlmoe train")
+    p.add_argument(
+        "--data", default=None, help="'easy-vqa' or a JSONL file (default: the training data)"
+    )
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help=split_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,16 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
-    e.add_argument("--checkpoint", required=True, help="checkpoint folder written by vlmoe train")
-    e.add_argument(
-        "--data", default=None, help="'easy-vqa' or a JSONL file (default: the training data)"
-    )
-    e.add_argument(
-        "--split",
-        default="test",
-        choices=["train", "val", "test"],
-        help="easy-VQA split (default: test)",
-    )
+    add_checkpoint_data_arguments(e, "easy-VQA split (default: test)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)

@@ -421,7 +421,31 @@ class Dist:
     def full_optimizer_state(self, opt: torch.optim.Optimizer, model: nn.Module) -> dict:
         """``opt.state_dict()`` with every expert parameter's per-element state (AdamW's
         moments) all-gathered to the full ``[E, ...]`` shape. Collective."""
-        sd = opt.state_dict()
+
+        def gather(v: Tensor, p: Tensor, m: Any) -> Tensor | None:
+            if v.shape != p.shape:
+                return None
+            parts = [torch.empty_like(v) for _ in range(m.ep_size)]
+            dist.all_gather(parts, v.contiguous(), group=m.group)
+            return torch.cat(parts, 0)
+
+        return self._map_expert_state(opt.state_dict(), opt, model, gather)
+
+    def shard_optimizer_state(self, sd: dict, opt: torch.optim.Optimizer, model: nn.Module) -> dict:
+        """The inverse of ``full_optimizer_state``: keep this rank's expert rows (any-W
+        checkpoint → this W). Not collective."""
+
+        def shard(v: Tensor, p: Tensor, m: Any) -> Tensor | None:
+            if v.ndim != p.ndim or v.shape[0] != m.num_experts:
+                return None
+            return v[m.first : m.first + m.num_local].clone()
+
+        return self._map_expert_state(sd, opt, model, shard)
+
+    def _map_expert_state(self, sd: dict, opt: torch.optim.Optimizer, model: nn.Module,
+                          fn: Any) -> dict:  # fmt: skip
+        """Copy of optimizer state dict ``sd`` with ``fn(tensor, param, experts_module)``
+        applied to every per-parameter tensor of an expert parameter (None = keep as is)."""
         if not self.active:
             return sd
         experts = expert_parameters(model)
@@ -433,29 +457,8 @@ class Dist:
                 continue
             st = dict(state[i])  # a copy: opt.state_dict() shares the live per-param dicts
             for k, v in st.items():
-                if isinstance(v, Tensor) and v.shape == p.shape:
-                    parts = [torch.empty_like(v) for _ in range(m.ep_size)]
-                    dist.all_gather(parts, v.contiguous(), group=m.group)
-                    st[k] = torch.cat(parts, 0)
-            state[i] = st
-        return {**sd, "state": state}
-
-    def shard_optimizer_state(self, sd: dict, opt: torch.optim.Optimizer, model: nn.Module) -> dict:
-        """The inverse of ``full_optimizer_state``: keep this rank's expert rows (any-W
-        checkpoint → this W). Not collective."""
-        if not self.active:
-            return sd
-        experts = expert_parameters(model)
-        params = [p for g in opt.param_groups for p in g["params"]]
-        state = dict(sd["state"])
-        for i, p in enumerate(params):
-            m = experts.get(id(p))
-            if m is None or i not in state:
-                continue
-            st = dict(state[i])
-            for k, v in st.items():
-                if isinstance(v, Tensor) and v.ndim == p.ndim and v.shape[0] == m.num_experts:
-                    st[k] = v[m.first : m.first + m.num_local].clone()
+                if isinstance(v, Tensor) and (out := fn(v, p, m)) is not None:
+                    st[k] = out
             state[i] = st
         return {**sd, "state": state}
 

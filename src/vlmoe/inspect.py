@@ -31,15 +31,10 @@ from vlmoe.data import DataError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder written by vlmoe train")
-    p.add_argument(
-        "--data", default=None, help="'easy-vqa' or a JSONL file (default: the training data)"
-    )
-    p.add_argument(
-        "--split",
-        default="test",
-        choices=["train", "val", "test"],
-        help="split to analyse (default: test; a JSONL file's test split is the whole file)",
+    from vlmoe.cli import add_checkpoint_data_arguments
+
+    add_checkpoint_data_arguments(
+        p, "split to analyse (default: test; a JSONL file's test split is the whole file)"
     )
     p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/inspect)")
     p.add_argument(
@@ -80,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     routing decisions and writes report.md, report.html, load.png, specialization.png,
     patches.png, text_experts.md and routing.json to --out.
     """
-    from vlmoe.cli import _device
+    from vlmoe.cli import parse_device
 
     if args.threads is not None:
         if args.threads < 1:
@@ -95,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         max_questions=args.max_questions,
         batch_size=args.batch_size,
         permutations=args.permutations,
-        device=_device(args.device),
+        device=parse_device(args.device),
     )
     meta = result["meta"]
     if args.json:
