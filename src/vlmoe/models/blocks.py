@@ -6,32 +6,12 @@ T tokens fed to one FFN (the valid tokens of one modality, flattened).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmoe.moe import MoE, MoEConfig, MoEStats, RoutingDecision
-
-
-@dataclass
-class RoutingRecord:
-    """What one MoE FFN did in one forward pass (all tensors detached).
-
-    `token_index` [T, 2] gives (sample in batch, position) of each routed token: for vision the
-    patch index (row-major over the patch grid), for text the word position ([CLS] = 0).
-    """
-
-    layer: int
-    modality: str  # "vision" | "text"
-    stats: MoEStats
-    routing: RoutingDecision
-    token_index: torch.Tensor
-
-    @property
-    def name(self) -> str:
-        return f"layer{self.layer}.{self.modality}"
+from vlmoe.models.output import RoutingRecord
+from vlmoe.moe import MoE, MoEConfig
 
 
 class Attention(nn.Module):
