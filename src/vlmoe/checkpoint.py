@@ -4,7 +4,8 @@
     DIR/model.safetensors  the model's state dict
     DIR/tokenizer.json     the word tokenizer (`tokenizers` format)
     DIR/metrics.jsonl      every metric line logged so far, one JSON object a line
-    DIR/trainer_state.pt   optimiser, scheduler, RNG states, step — only for --resume
+    DIR/trainer_state.json step, stage, schedule, monitor state — only for --resume
+    DIR/trainer_state/     model + optimiser + RNG state (torch.distributed.checkpoint) — --resume
 
 The whole folder is first written to `DIR.tmp`, then swapped in by renames. A crash mid-save
 leaves the previous checkpoint intact (as DIR, or as DIR.old during the swap's one-rename
@@ -28,7 +29,7 @@ from vlmoe.config import ConfigError, RunConfig
 from vlmoe.data import DataError, WordTokenizer
 from vlmoe.models import VLMoE, build_model
 
-FORMAT = "vlmoe-checkpoint/1"
+FORMAT = "vlmoe-checkpoint/2"  # /2: one DenseFFN layout, trainer state without pickle
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
 
 
@@ -48,32 +49,30 @@ class Checkpoint:
     metrics: list[dict[str, Any]]
 
 
-def save_checkpoint(
-    out_dir: str | Path,
-    config: RunConfig,
-    model: torch.nn.Module,
-    tokenizer: WordTokenizer,
-    answers: list[str],
+def write_run_files(
+    folder: Path,
+    meta: dict[str, Any],
+    state: dict[str, torch.Tensor],
     metrics: list[dict[str, Any]],
-    trainer_state: dict[str, Any] | None = None,
-) -> Path:
-    """Write a complete checkpoint to `out_dir`, replacing any previous one atomically."""
-    out = Path(out_dir)
-    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    meta = {"format": FORMAT, "run": config.to_dict(), "answers": list(answers)}
-    (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-    tokenizer.save(tmp / "tokenizer.json")
-    with open(tmp / "metrics.jsonl", "w") as f:
+) -> None:
+    """Write config.json (``meta`` plus the format tag), model.safetensors and metrics.jsonl
+    into ``folder`` (which must exist)."""
+    (folder / "config.json").write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": FORMAT})
+    with open(folder / "metrics.jsonl", "w") as f:
         for m in metrics:
             f.write(json.dumps(m) + "\n")
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer_state.pt")
+
+
+def commit(tmp: Path, out: Path) -> Path:
+    """Make the complete folder ``tmp`` the checkpoint ``out``, atomically for readers.
+
+    Swap: out → out.old, tmp → out, drop out.old. Between the two renames only out.old
+    exists, which ``resolve_checkpoint_dir`` falls back to.
+    """
     _fsync_dir(tmp)
-    # Swap: out → out.old, tmp → out, drop out.old. Between the two renames only out.old exists.
+    old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         os.replace(out, old)
@@ -82,8 +81,36 @@ def save_checkpoint(
     return out
 
 
+def fresh_tmp(out: Path) -> Path:
+    """An empty ``OUT.tmp`` folder beside ``out`` to write a checkpoint into."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    config: RunConfig,
+    model: torch.nn.Module,
+    tokenizer: WordTokenizer,
+    answers: list[str],
+    metrics: list[dict[str, Any]],
+) -> Path:
+    """Write a complete (not resumable) VQA checkpoint of one process's model to ``out_dir``,
+    replacing any previous one atomically. Training saves through ``vlmoe.train``."""
+    out = Path(out_dir)
+    tmp = fresh_tmp(out)
+    meta = {"task": "vqa", "run": config.to_dict(), "answers": list(answers)}
+    write_run_files(tmp, meta, model.state_dict(), metrics)
+    tokenizer.save(tmp / "tokenizer.json")
+    return commit(tmp, out)
+
+
 def _fsync_dir(d: Path) -> None:
-    for p in d.iterdir():
+    for p in d.rglob("*"):
+        if not p.is_file():
+            continue
         with open(p, "rb") as f:
             os.fsync(f.fileno())
 
@@ -101,21 +128,56 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     raise CheckpointError(f"{p}: checkpoint folder not found")
 
 
+def load_checkpoint_meta(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(config.json as a dict, the metric lines) of a checkpoint; a missing or corrupt
+    config.json raises CheckpointError naming it. Torn metric lines are skipped."""
+    d = resolve_checkpoint_dir(path)
+    f = d / "config.json"
+    if not f.is_file():
+        raise CheckpointError(
+            f"{f}: missing (expected a vlmoe checkpoint with {', '.join(REQUIRED)})"
+        )
+    try:
+        meta = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{f}: expected format {FORMAT!r}, got {got!r}")
+    metrics: list[dict[str, Any]] = []
+    mpath = d / "metrics.jsonl"
+    if mpath.is_file():
+        for line in mpath.read_text().splitlines():
+            try:
+                metrics.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # metrics are informational; a torn line must not block loading
+    return meta, metrics
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in a checkpoint's model.safetensors (CheckpointError if unreadable)."""
+    f = resolve_checkpoint_dir(path) / "model.safetensors"
+    if not f.is_file():
+        raise CheckpointError(
+            f"{f}: missing (expected a vlmoe checkpoint with {', '.join(REQUIRED)})"
+        )
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: cannot read weights ({e})") from None
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint folder; any missing or corrupt file raises CheckpointError naming it."""
+    """Load a VQA checkpoint folder; any missing or corrupt file raises CheckpointError
+    naming it."""
     d = resolve_checkpoint_dir(path)
     for name in REQUIRED:
         if not (d / name).is_file():
             raise CheckpointError(
                 f"{d / name}: missing (expected a vlmoe checkpoint with {', '.join(REQUIRED)})"
             )
-    try:
-        meta = json.loads((d / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{d / 'config.json'}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CheckpointError(f"{d / 'config.json'}: expected format {FORMAT!r}, got {got!r}")
+    meta, metrics = load_checkpoint_meta(d)
     try:
         config = RunConfig.from_dict(meta["run"])
         answers = [str(a) for a in meta["answers"]]
@@ -125,10 +187,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         tokenizer = WordTokenizer.load(d / "tokenizer.json")
     except DataError as e:
         raise CheckpointError(str(e)) from None
-    try:
-        state = load_file(str(d / "model.safetensors"))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{d / 'model.safetensors'}: cannot read weights ({e})") from None
+    state = read_weights(d)
     model = build_model(config.model)
     try:
         model.load_state_dict(state)
@@ -138,24 +197,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             f"{d / 'model.safetensors'}: weights do not match config.json ({first})"
         ) from None
     model.to(device).eval()
-    metrics: list[dict[str, Any]] = []
-    mpath = d / "metrics.jsonl"
-    if mpath.is_file():
-        for line in mpath.read_text().splitlines():
-            if line.strip():
-                try:
-                    metrics.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # metrics are informational; a torn line must not block loading
     return Checkpoint(d, config, model, tokenizer, answers, metrics)
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
-    """Read trainer_state.pt for --resume; missing or corrupt raises CheckpointError."""
-    f = resolve_checkpoint_dir(path) / "trainer_state.pt"
+    """Read trainer_state.json (step, stage, schedule; JSON — loading it runs no code) for
+    --resume; missing or corrupt raises CheckpointError naming the file."""
+    f = resolve_checkpoint_dir(path) / "trainer_state.json"
     if not f.is_file():
         raise CheckpointError(f"{f}: missing — this checkpoint cannot be resumed")
     try:
-        return torch.load(f, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for a torn file
-        raise CheckpointError(f"{f}: cannot read trainer state ({type(e).__name__})") from None
+        state = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise CheckpointError(f"{f}: cannot read trainer state ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{f}: expected a JSON object with an integer 'step'")
+    return state

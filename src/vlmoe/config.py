@@ -9,6 +9,7 @@ which is how `config.json` in a checkpoint is written and read.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +96,37 @@ class ModelConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a staged recipe: which parameters train, from which weights, at which lr.
+
+    MoE-LLaVA, for example, is three stages: the projector alone on captions, then the dense
+    model, then only FFNs and routers after upcycling. A run with no stages listed is one stage
+    named "train" that trains every parameter for ``train.epochs`` at ``train.lr``.
+    """
+
+    name: str = "train"  #: names the stage in logs, metrics and its checkpoint folder
+    epochs: float = 0.0  #: passes over the training data (0 = train.epochs)
+    lr: float = 0.0  #: peak learning rate (0 = train.lr)
+    #: fnmatch patterns over parameter names ("head.*", "*.ffn_*"); the others are frozen
+    trainable: tuple[str, ...] = ("*",)
+    #: a checkpoint folder whose weights (matched by name) initialise the model at stage start
+    init_from: str = ""
+
+    def __post_init__(self) -> None:
+        self.trainable = tuple(str(t) for t in self.trainable)
+        if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
+            raise ConfigError(
+                f"train.stages.name: expected letters, digits, - or _, got {self.name!r}"
+            )
+        for f in ("epochs", "lr"):
+            v = getattr(self, f)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"train.stages.{f}: expected a finite number >= 0, got {v!r}")
+        if not self.trainable:
+            raise ConfigError("train.stages.trainable: expected at least one pattern, got none")
+
+
+@dataclass
 class TrainConfig:
     """How to train: optimiser, schedule, batch, logging and checkpointing."""
 
@@ -117,8 +149,21 @@ class TrainConfig:
     collapse_patience: int = 3  #: … or an expert stays under 1%, for this many routing checks
     eval_batch_size: int = 512  #: batch size for validation and test
     hflip: bool = True  #: random horizontal flips of training images (answers are flip-invariant)
+    save_minutes: float = 10.0  #: also checkpoint after this many minutes of training (0 = off)
+    tensorboard: bool = False  #: also write TensorBoard event files to OUT/tensorboard
+    #: the stages of a staged recipe, run in order (empty = one stage of every parameter)
+    stages: tuple[StageConfig, ...] = ()
 
     def __post_init__(self) -> None:
+        self.stages = tuple(
+            s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages
+        )
+        for name in ("epochs", "lr", "weight_decay", "grad_clip", "min_lr_ratio", "save_minutes"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise ConfigError(f"train.{name}: expected a finite number, got {v!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: expected > 0, got {self.lr}")
         if self.epochs <= 0:
             raise ConfigError(f"train.epochs: expected > 0, got {self.epochs}")
         if self.batch_size <= 0:
@@ -139,6 +184,14 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def stages(self) -> tuple[StageConfig, ...]:
+        """The stages to run, with epochs and lr filled in from ``train``."""
+        t = self.train
+        stages = t.stages or (StageConfig(),)
+        return tuple(
+            dataclasses.replace(s, epochs=s.epochs or t.epochs, lr=s.lr or t.lr) for s in stages
+        )
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         """Rebuild from `to_dict()` output; unknown keys raise ConfigError naming them."""
@@ -148,7 +201,7 @@ class RunConfig:
                 model["moe"] = MoEConfig(**model["moe"])
             return cls(
                 model=ModelConfig(**model),
-                train=TrainConfig(**d.get("train", {})),
+                train=TrainConfig(**d.get("train", {})),  # stages: dicts → StageConfig
                 data=d.get("data", "easy-vqa"),
                 preset=d.get("preset", "custom"),
             )

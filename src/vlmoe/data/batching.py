@@ -30,17 +30,19 @@ class Batch:
     images: torch.Tensor
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor | None  # None when answering (no targets)
     question_index: torch.Tensor
 
     def __len__(self) -> int:
-        return int(self.labels.shape[0])
+        return int(self.question_index.shape[0])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """A copy with every tensor on `device`."""
         return Batch(
             **{
-                f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                f.name: None
+                if (t := getattr(self, f.name)) is None
+                else t.to(device, non_blocking=non_blocking)
                 for f in fields(self)
             }
         )

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmoe.models.output import RoutingRecord
-from vlmoe.moe import MoE, MoEConfig
+from vlmoe.moe import DenseFFN, MoE, MoEConfig
 
 
 class Attention(nn.Module):
@@ -36,26 +36,6 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
         )
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
-
-
-class DenseFFN(nn.Module):
-    """The dense FFN, with the same activation as the experts: x [..., D] → [..., D]."""
-
-    def __init__(self, d_model: int, d_ff: int, activation: str) -> None:
-        super().__init__()
-        self.activation = activation
-        n_in = 2 * d_ff if activation == "swiglu" else d_ff
-        self.w_in = nn.Linear(d_model, n_in, bias=False)
-        self.w_out = nn.Linear(d_ff, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.w_in(x)
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
-        return self.w_out(h)
 
 
 class ModalityFFN(nn.Module):

@@ -13,6 +13,7 @@ class TextEmbedding(nn.Module):
         super().__init__()
         self.tok_VD = nn.Embedding(vocab_size, d_model)
         self.pos_LD = nn.Parameter(torch.zeros(max_len, d_model))
+        self.pos_LD._no_weight_decay = True  # a position table: not decayed
         nn.init.trunc_normal_(self.tok_VD.weight, std=0.02)
         nn.init.trunc_normal_(self.pos_LD, std=0.02)
 

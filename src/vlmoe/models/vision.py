@@ -39,6 +39,7 @@ class ConvStem(nn.Module):
         self.stem = nn.Sequential(*layers)
         self.num_patches = (image_size // patch_size) ** 2
         self.pos_PD = nn.Parameter(torch.zeros(self.num_patches, d_model))
+        self.pos_PD._no_weight_decay = True  # a position table: not decayed
         nn.init.trunc_normal_(self.pos_PD, std=0.02)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -9,38 +9,29 @@ Legend: B batch, P patches, L text positions, D model width, A answers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlmoe.config import ModelConfig
-from vlmoe.models.blocks import MultiwayBlock, RoutingRecord
+from vlmoe.models.blocks import MultiwayBlock
 from vlmoe.models.heads import AnswerHead
+from vlmoe.models.output import ModelOutput, RoutingRecord
 from vlmoe.models.text import TextEmbedding
 from vlmoe.models.vision import ConvStem
 
 __all__ = ["ModelOutput", "RoutingRecord", "VLMoE", "build_model"]
 
 
-@dataclass
-class ModelOutput:
-    """logits [B, A]; loss = task loss + aux_loss (None without labels); aux_loss 0-dim (sum of
-    every MoE layer's weighted auxiliary losses); routing: one record per MoE FFN called."""
-
-    logits: torch.Tensor
-    loss: torch.Tensor | None
-    task_loss: torch.Tensor | None
-    aux_loss: torch.Tensor
-    routing: list[RoutingRecord] = field(default_factory=list)
-
-
 class VLMoE(nn.Module):
     """The VL-MoE visual question answering model.
 
-    forward(images [B,3,S,S] float, input_ids [B,L] long, attention_mask [B,L] bool,
-    labels [B] long or None (-100 = ignore)) → ModelOutput.
+    forward(batch) → ModelOutput, where batch has images [B,3,S,S] float, input_ids [B,L]
+    long, attention_mask [B,L] bool and labels [B] long or None (-100 = ignore): logits [B, A];
+    loss / task_loss (cross-entropy over known labels; None without labels or with none known);
+    metrics {"correct", "count"} over the known labels.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -94,20 +85,21 @@ class VLMoE(nn.Module):
             records += r
         return self.norm(x_v), self.norm(x_t), aux, records
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor | None = None,
-    ) -> ModelOutput:
-        x_v, x_t, aux, records = self.encode(images, input_ids, attention_mask)
+    def forward(self, batch: Any) -> ModelOutput:
+        x_v, x_t, aux, records = self.encode(batch.images, batch.input_ids, batch.attention_mask)
         logits = self.head(x_t[:, 0], x_v.mean(dim=1))
-        task = loss = None
+        out = ModelOutput(loss=None, task_loss=None, aux_loss=aux, logits=logits, routing=records)
+        labels = getattr(batch, "labels", None)
         if labels is not None:
-            task = F.cross_entropy(logits, labels, ignore_index=-100)
-            loss = task + aux
-        return ModelOutput(logits, loss, task, aux, records)
+            known = labels >= 0
+            out.metrics = {
+                "correct": ((logits.argmax(-1) == labels) & known).sum().detach(),
+                "count": known.sum().detach(),
+            }
+            if bool(known.any()):
+                out.task_loss = F.cross_entropy(logits, labels, ignore_index=-100)
+                out.loss = out.task_loss + aux
+        return out
 
     def param_counts(self) -> tuple[int, int]:
         """(total parameters, parameters active per token-forward).

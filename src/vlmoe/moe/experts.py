@@ -68,6 +68,19 @@ def dense_ffn(
     return ffn_act(x_TD @ w_in_DH, activation) @ w_out_FD
 
 
+@torch.no_grad()
+def init_ffn_(w_in_xDH: Tensor, w_out_xFD: Tensor) -> None:
+    """The one initialisation rule for every FFN weight, dense FFNs and experts alike.
+
+    Fan-in scaled normal: ``w_in ~ N(0, 1/D)``, ``w_out ~ N(0, 1/F)`` (the scale of
+    ``nn.Linear``'s default), so a token's FFN output has the same scale whether it passes a
+    dense FFN of hidden k·F or k experts of hidden F. Works on ``[D, H]`` and stacked
+    ``[E, D, H]`` weights alike (the fan-in is the second-to-last dimension).
+    """
+    nn.init.normal_(w_in_xDH, std=w_in_xDH.shape[-2] ** -0.5)
+    nn.init.normal_(w_out_xFD, std=w_out_xFD.shape[-2] ** -0.5)
+
+
 class DenseFFN(nn.Module):
     """A dense FFN with the same layout as one expert: ``w_in_DH [D, H]``, ``w_out_FD [F, D]``.
 
@@ -83,9 +96,7 @@ class DenseFFN(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # fan-in scaled normal, like nn.Linear's scale; MoE experts use the same rule
-        nn.init.normal_(self.w_in_DH, std=self.w_in_DH.shape[0] ** -0.5)
-        nn.init.normal_(self.w_out_FD, std=self.w_out_FD.shape[0] ** -0.5)
+        init_ffn_(self.w_in_DH, self.w_out_FD)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [..., D] -> [..., D]``."""
@@ -442,8 +453,7 @@ class Experts(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.w_in_EDH, std=self.d_model**-0.5)
-        nn.init.normal_(self.w_out_EFD, std=self.d_ff**-0.5)
+        init_ffn_(self.w_in_EDH, self.w_out_EFD)
 
     def forward(
         self,

@@ -248,27 +248,11 @@ class MoE(nn.Module):
         mask_T: Tensor | None = None,
         group_ids_T: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """The enabled auxiliary losses, each multiplied by its config weight."""
-        c = self.config
-        out: dict[str, Tensor] = {}
-        if c.load_balance_weight > 0 and c.router != "expert_choice":
-            lb = L.load_balance_loss(d.probs, chosen_TK, mask_T)
-            out["load_balance"] = c.load_balance_weight * lb
-        if c.z_loss_weight > 0:
-            out["z_loss"] = c.z_loss_weight * L.z_loss(d.logits, mask_T)
-        if c.importance_weight > 0:
-            out["importance"] = c.importance_weight * L.importance_loss(d.probs, mask_T)
-        if c.load_weight > 0:
-            std = (1.0 / c.num_experts) if c.noise_std is None else c.noise_std
-            noisy = d.logits if noisy_logits_TE is None else noisy_logits_TE
-            out["load"] = c.load_weight * L.load_loss(d.logits, noisy, std, c.top_k, mask_T)
-        if c.local_entropy_weight > 0:
-            ent = L.local_entropy_loss(d.probs, mask_T, group_ids_T)
-            out["local_entropy"] = c.local_entropy_weight * ent
-        if c.global_entropy_weight > 0:
-            ent = L.global_entropy_loss(d.probs, mask_T, group_ids_T, c.global_entropy_threshold)
-            out["global_entropy"] = c.global_entropy_weight * ent
-        return out
+        """The enabled auxiliary losses, each multiplied by its config weight (on this
+        process's tokens; ``ExpertParallelMoE`` sums the same statistics over processes)."""
+        return L.aux_losses(
+            self.config, d.probs, d.logits, chosen_TK, noisy_logits_TE, mask_T, group_ids_T
+        )
 
     @torch.no_grad()
     def stats(self, d: RoutingDecision, chosen_TK: Tensor) -> MoEStats:

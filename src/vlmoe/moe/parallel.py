@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import losses as L
 from .experts import grouped_ffn, sort_by_expert
 from .layer import MoE, MoEConfig, MoEStats
 from .routing import RoutingDecision
@@ -366,8 +367,17 @@ class ExpertParallelMoE(MoE):
         Same definitions as ``vlmoe.moe.losses`` (tested equal at W = 1 and against the
         single-process layer at W = 2); one differentiable all-reduce for all of them.
         """
-        return global_aux_losses(self.config, d, chosen_TK, noisy_logits_TE, mask_T,
-                                 group_ids_T, self.group)  # fmt: skip
+        group = self.group
+
+        def reduce_max(v: int) -> int:
+            t = torch.tensor([v], device=d.probs.device)
+            if _world(group)[1] > 1:
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+            return int(t)
+
+        return L.aux_losses(self.config, d.probs, d.logits, chosen_TK, noisy_logits_TE, mask_T,
+                            group_ids_T, reduce=lambda v: all_reduce_sum(v, group),
+                            reduce_max=reduce_max)  # fmt: skip
 
     @torch.no_grad()
     def stats(self, d: RoutingDecision, chosen_TK: Tensor) -> MoEStats:
@@ -434,112 +444,3 @@ def expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) ->
         else:
             expert_parallel(child, group)
     return model
-
-
-# --------------------------------------------------------------------------------------------
-# auxiliary losses on global statistics
-# --------------------------------------------------------------------------------------------
-
-
-def _cv_squared(v_E: Tensor) -> Tensor:
-    return v_E.var(unbiased=False) / v_E.mean().pow(2).clamp_min(1e-20)
-
-
-def _entropy(p_XE: Tensor) -> Tensor:
-    return -(p_XE * p_XE.clamp_min(1e-30).log()).sum(-1)
-
-
-def global_aux_losses(
-    c: MoEConfig,
-    d: RoutingDecision,
-    chosen_TK: Tensor,
-    noisy_logits_TE: Tensor | None,
-    mask_T: Tensor | None,
-    group_ids_T: Tensor | None,
-    group: dist.ProcessGroup | None,
-) -> dict[str, Tensor]:
-    """``MoE.aux_losses`` with every mean over tokens taken over all ranks' tokens.
-
-    Each loss is a function of per-expert or per-token sums; those sums are packed into one
-    vector and summed over ``group`` by a differentiable all-reduce, then the loss is finished
-    locally (identically on every rank). Group ids (LIMoE per-modality entropies) must be
-    non-negative ints; groups absent on every rank are ignored, as in the 1-process loss.
-    """
-    probs_TE, logits_TE = d.probs.float(), d.logits.float()
-    E = probs_TE.shape[-1]
-    if mask_T is not None:
-        probs_TE, logits_TE, chosen_TK = probs_TE[mask_T], logits_TE[mask_T], chosen_TK[mask_T]
-        if noisy_logits_TE is not None:
-            noisy_logits_TE = noisy_logits_TE[mask_T]
-        if group_ids_T is not None:
-            group_ids_T = group_ids_T[mask_T]
-    T = probs_TE.shape[0]
-    parts: dict[str, Tensor] = {"T": probs_TE.new_tensor([float(T)])}
-    want_lb = c.load_balance_weight > 0 and c.router != "expert_choice"
-    want_ent = c.local_entropy_weight > 0 or c.global_entropy_weight > 0
-    if want_lb or c.importance_weight > 0:
-        parts["psum_E"] = probs_TE.sum(0)
-    if want_lb:
-        flat = chosen_TK.reshape(-1)
-        parts["counts_E"] = torch.bincount(flat[flat >= 0], minlength=E).to(probs_TE.dtype)
-    if c.z_loss_weight > 0:
-        parts["z"] = torch.logsumexp(logits_TE, dim=-1).pow(2).sum().reshape(1)
-    std = (1.0 / c.num_experts) if c.noise_std is None else c.noise_std
-    if c.load_weight > 0 and std > 0:
-        noisy = logits_TE if noisy_logits_TE is None else noisy_logits_TE.float()
-        thr_T1 = torch.topk(noisy, c.top_k, dim=-1).values[:, -1:]
-        z_TE = (thr_T1 - logits_TE) / std
-        parts["load_E"] = (1.0 - 0.5 * (1.0 + torch.erf(z_TE / 2**0.5))).sum(0)
-    G = 1
-    if want_ent:
-        if group_ids_T is None:
-            gid_T = torch.zeros(T, dtype=torch.long, device=probs_TE.device)
-        else:
-            gid_T = group_ids_T.long()
-            if gid_T.numel() and int(gid_T.min()) < 0:
-                raise ValueError("group_ids: expert-parallel entropy losses need ids >= 0")
-            gmax = torch.tensor([int(gid_T.max()) if gid_T.numel() else -1],
-                                device=probs_TE.device)  # fmt: skip
-            if _world(group)[1] > 1:
-                dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
-            G = max(1, int(gmax) + 1)
-        parts["gcount_G"] = torch.bincount(gid_T, minlength=G).to(probs_TE.dtype)
-        if c.local_entropy_weight > 0:
-            parts["hsum_G"] = probs_TE.new_zeros(G).index_add(0, gid_T, _entropy(probs_TE))
-        if c.global_entropy_weight > 0:
-            parts["gpsum_GE"] = probs_TE.new_zeros(G, E).index_add(0, gid_T, probs_TE).reshape(-1)
-    names = list(parts)
-    sizes = [parts[n].numel() for n in names]
-    v = all_reduce_sum(torch.cat([parts[n].reshape(-1) for n in names]), group)
-    g = dict(zip(names, torch.split(v, sizes), strict=True))
-    T_all = g["T"][0]
-    zero = probs_TE.new_zeros(())
-    out: dict[str, Tensor] = {}
-    if want_lb:
-        f_E = g["counts_E"].detach() / g["counts_E"].detach().sum().clamp_min(1)
-        lb = E * (f_E * g["psum_E"] / T_all.clamp_min(1)).sum() if T_all > 0 else zero
-        out["load_balance"] = c.load_balance_weight * lb
-    if c.z_loss_weight > 0:
-        out["z_loss"] = c.z_loss_weight * (g["z"][0] / T_all if T_all > 0 else zero)
-    if c.importance_weight > 0:
-        out["importance"] = c.importance_weight * (_cv_squared(g["psum_E"]) if T_all > 0 else zero)
-    if c.load_weight > 0:
-        ld = _cv_squared(g["load_E"] / T_all) if T_all > 0 and "load_E" in g else zero
-        out["load"] = c.load_weight * ld
-    if want_ent:
-        cnt_G = g["gcount_G"].detach()
-        present = cnt_G > 0
-        if c.local_entropy_weight > 0:
-            ent = (g["hsum_G"][present] / cnt_G[present]).mean() if bool(present.any()) else zero
-            out["local_entropy"] = c.local_entropy_weight * ent
-        if c.global_entropy_weight > 0:
-            if bool(present.any()):
-                marg_GE = g["gpsum_GE"].view(G, E)[present] / cnt_G[present, None]
-                h_G = _entropy(marg_GE)
-                if c.global_entropy_threshold is not None:
-                    h_G = h_G.clamp_max(c.global_entropy_threshold)
-                ent = -h_G.mean()
-            else:
-                ent = zero
-            out["global_entropy"] = c.global_entropy_weight * ent
-    return out

@@ -1,0 +1,179 @@
+"""What the trainer needs from a model family and its data — and the VQA task of VL-MoE.
+
+The trainer (``vlmoe.train.loop``) knows no model family. It talks to a ``Task``: build the
+model of a stage, yield this process's training batches, evaluate a split, describe itself in
+``config.json`` and write its assets (tokenizer, answer list) into a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from vlmoe.config import RunConfig, StageConfig
+from vlmoe.data import Batch, VQASplit, WordTokenizer, iterate_batches, load_data, num_batches
+from vlmoe.evaluate import EvalResult, evaluate
+from vlmoe.models import build_model
+
+
+class Task(Protocol):
+    """A model family with its data, as the trainer sees it."""
+
+    cfg: RunConfig  #: the run's config, complete (vocabulary size, answer count filled in)
+    kind: str  #: written to config.json ("vqa", "contrastive", "generative")
+
+    def build_model(self, stage: StageConfig) -> nn.Module:
+        """A fresh model for ``stage`` (its ``forward(batch)`` returns a ``ModelOutput``)."""
+        ...
+
+    def load_weights(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Initialise ``model`` from another checkpoint's (or stage's) weights."""
+        ...
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        """Optimiser steps in one epoch at global batch ``batch_size``."""
+        ...
+
+    def train_batches(
+        self, batch_size: int, epoch: int, start: int, rank: int, world_size: int
+    ) -> Iterator[Any]:
+        """This process's share of the global training batches of ``epoch``, from ``start``."""
+        ...
+
+    def evaluate(self, model: nn.Module, split: str, device: str) -> EvalResult | None:
+        """Score ``split`` ("val" or "test"; None when the data has no such split)."""
+        ...
+
+    def meta(self) -> dict[str, Any]:
+        """Extra fields of config.json that loading the checkpoint needs."""
+        ...
+
+    def write_assets(self, folder: Path) -> None:
+        """Write the files besides the weights that loading needs (e.g. the tokenizer)."""
+        ...
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """Copy the entries of ``state`` whose name and shape match a parameter or buffer of
+    ``model``; returns how many did. None matching raises ValueError (a wrong init_from)."""
+    own = model.state_dict()
+    take = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not take:
+        raise ValueError("train.stages.init_from: no weight of that checkpoint fits this model")
+    model.load_state_dict(take, strict=False)
+    return len(take)
+
+
+class VQATask:
+    """VL-MoE on a VQA split (easy-VQA or JSONL): answer classification."""
+
+    kind = "vqa"
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        tokenizer: WordTokenizer | None = None,
+        answers: list[str] | None = None,
+    ) -> None:
+        self.train_split, self.val_split = prepare_splits(cfg)
+        self.tokenizer = tokenizer or WordTokenizer.build(self.train_split.questions)
+        self.answers = answers if answers is not None else sorted(set(self.train_split.answers))
+        self.cfg = complete_config(cfg, self.tokenizer, self.answers)
+
+    def build_model(self, stage: StageConfig) -> nn.Module:
+        return build_model(self.cfg.model)
+
+    def load_weights(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        load_matching(model, state)
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        n = num_batches(len(self.train_split), batch_size, drop_last=True)
+        if n == 0:
+            raise ValueError(
+                f"train.batch_size: {batch_size} is larger than the training split "
+                f"({len(self.train_split)} questions)"
+            )
+        return n
+
+    def train_batches(
+        self, batch_size: int, epoch: int, start: int, rank: int, world_size: int
+    ) -> Iterator[Batch]:
+        t = self.cfg.train
+        batches = iterate_batches(
+            self.train_split, self.tokenizer, self.answers, batch_size // world_size,
+            shuffle=True, seed=t.seed, epoch=epoch, drop_last=True,
+            max_len=self.cfg.model.max_text_len, start_batch=start, rank=rank,
+            world_size=world_size,
+        )  # fmt: skip
+        for i, batch in enumerate(batches, start):
+            if t.hflip:
+                batch.images = hflip(batch.images, (t.seed, epoch, i), rank, world_size)
+            yield batch
+
+    def evaluate(self, model: nn.Module, split: str, device: str) -> EvalResult | None:
+        t = self.cfg.train
+        if split == "val":
+            data = self.val_split
+        elif self.cfg.data == "easy-vqa":
+            data = load_data("easy-vqa", "test", self.cfg.model.image_size, t.val_fraction, t.seed)
+            data = data.subset(range(min(t.eval_subset, len(data)))) if t.eval_subset else data
+        else:
+            return None
+        return evaluate(model, data, self.tokenizer, self.answers, batch_size=t.eval_batch_size,
+                        device=device, warn_unknown=split == "test")  # fmt: skip
+
+    def meta(self) -> dict[str, Any]:
+        return {"answers": list(self.answers)}
+
+    def write_assets(self, folder: Path) -> None:
+        self.tokenizer.save(folder / "tokenizer.json")
+
+
+def hflip(images: torch.Tensor, key: tuple[int, int, int], rank: int, world: int) -> torch.Tensor:
+    """Mirror a random half of a batch's images [B, 3, S, S] (easy-VQA answers — colour, shape,
+    yes/no — do not change under a mirror). The coin flips are drawn for the whole global
+    batch from a generator keyed by (seed, epoch, batch), and each rank keeps its rows: the same
+    images flip at any process count, and a resumed run flips exactly as an uninterrupted one.
+    """
+    seed, epoch, i = key
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + i) % 2**63)
+    flip = (torch.rand(images.shape[0] * world, generator=g) < 0.5).chunk(world)[rank]
+    return torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
+
+
+def prepare_splits(cfg: RunConfig) -> tuple[VQASplit, VQASplit]:
+    """The training and validation splits of ``cfg.data`` (with the configured subsets)."""
+    t = cfg.train
+    train_split = load_data(cfg.data, "train", cfg.model.image_size, t.val_fraction, t.seed)
+    val_split = load_data(cfg.data, "val", cfg.model.image_size, t.val_fraction, t.seed)
+    if t.train_subset:
+        # a seeded random subset: easy-VQA lists ~10 questions per image, so the first N
+        # questions would cover only ~N/10 images
+        g = torch.Generator().manual_seed(t.seed)
+        keep = torch.randperm(len(train_split), generator=g)[: t.train_subset].sort().values
+        train_split = train_split.subset(keep)
+    if t.eval_subset:
+        val_split = val_split.subset(range(min(t.eval_subset, len(val_split))))
+    return train_split, val_split
+
+
+def complete_config(cfg: RunConfig, tokenizer: WordTokenizer, answers: list[str]) -> RunConfig:
+    """``cfg`` with the model's vocabulary size and answer count taken from the data."""
+    model = dataclasses.replace(
+        cfg.model, vocab_size=tokenizer.vocab_size, num_answers=len(answers)
+    )
+    return dataclasses.replace(cfg, model=model)
+
+
+def prepare_data(
+    cfg: RunConfig, tokenizer: WordTokenizer | None = None
+) -> tuple[VQASplit, VQASplit, WordTokenizer, list[str]]:
+    """Train and validation splits, the tokenizer and the answer list built from train."""
+    train_split, val_split = prepare_splits(cfg)
+    tokenizer = tokenizer or WordTokenizer.build(train_split.questions)
+    return train_split, val_split, tokenizer, sorted(set(train_split.answers))
