@@ -14,6 +14,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,74 +61,77 @@ def _fresh_out(base: str, resume: bool) -> str:
     return f"{base}-{n}"
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """Train a VL-MoE model (default: the `default` preset on easy-VQA) and report test accuracy."""
-    from vlmoe.config import get_preset
-    from vlmoe.train import train
+def _train_config(args: argparse.Namespace) -> Any:
+    """The preset named by --preset with the command line's overrides, validated."""
+    from vlmoe.config import TrainConfig, get_preset
 
     cfg = get_preset(args.preset)
+    if args.data is not None:
+        cfg.data = args.data
+    overrides = {"epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size,
+                 "lr": args.lr, "save_minutes": args.save_minutes}  # fmt: skip
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(cfg.train, name, value)
+    if args.tensorboard:
+        cfg.train.tensorboard = True
+    TrainConfig.__post_init__(cfg.train)  # re-validate overridden fields
+    if cfg.data != "easy-vqa" and not Path(cfg.data).is_file():
+        raise DataError(f"--data {cfg.data}: file not found (expected a .jsonl file or 'easy-vqa')")
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a VL-MoE model (default: the `default` preset on easy-VQA) and report test accuracy."""
+    from vlmoe.distributed import describe_failure
+    from vlmoe.train import train
+    from vlmoe.train.parallel import Engine
+
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads: expected >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    if args.data is not None:
-        cfg.data = args.data
-    if args.epochs is not None:
-        cfg.train.epochs = args.epochs
-    if args.seed is not None:
-        cfg.train.seed = args.seed
-    if args.batch_size is not None:
-        cfg.train.batch_size = args.batch_size
-    if args.lr is not None:
-        cfg.train.lr = args.lr
-    cfg.train.__post_init__()  # re-validate overridden fields
-    if cfg.data != "easy-vqa" and not Path(cfg.data).is_file():
-        raise DataError(f"--data {cfg.data}: file not found (expected a .jsonl file or 'easy-vqa')")
+    cfg = _train_config(args)
     out = args.out or _fresh_out(f"checkpoints/{cfg.preset}", args.resume)
     if not args.resume and Path(out, "config.json").exists() and not args.overwrite:
         raise UsageError(
             f"--out {out}: a checkpoint is already there; use --resume to continue or --overwrite"
         )
-    from vlmoe.distributed import describe_failure, init_from_env
-
     # under torchrun (WORLD_SIZE > 1): join the process group; rank 0 logs, prints and saves
-    dist = init_from_env(parse_device(args.device), args.dist_timeout)
+    engine = Engine.from_env(parse_device(args.device), args.dist_timeout)
     try:
-        res = train(
-            cfg,
-            out,
-            device=dist.device,
-            resume=args.resume,
-            stop_after=args.stop_after,
-            progress=not args.no_progress,
-            dist=dist,
-        )
+        res = train(cfg, out, device=engine.device, resume=args.resume,
+                    stop_after=args.stop_after, progress=not args.no_progress, engine=engine)  # fmt: skip
     except Exception as e:
-        if dist.active and (msg := describe_failure(e)) is not None:
+        if engine.world_size > 1 and (msg := describe_failure(e)) is not None:
             # A peer died or hangs: tearing the process group down (or any exit handler) may
             # block on that peer, so report in one line and leave at once — a bounded exit,
             # never a hang.
             print(f"vlmoe: error: {msg}", file=sys.stderr, flush=True)
             os._exit(1)
-        dist.shutdown()
+        engine.shutdown()
         raise
-    dist.shutdown()
-    if not dist.is_main:
-        return 0
-    summary = {
-        "checkpoint": str(res.out_dir),
-        "step": res.step,
-        "total_steps": res.total_steps,
-        "seconds": round(res.seconds, 1),
-    }
+    engine.shutdown()
+    if engine.is_main:
+        _print_train_result(res, args.json)
+    if res.stopped_by:
+        return 130 if res.stopped_by == "SIGINT" else 143
+    return 0
+
+
+def _print_train_result(res: Any, as_json: bool) -> None:
+    summary: dict[str, Any] = {"checkpoint": str(res.out_dir), "step": res.step,
+                               "total_steps": res.total_steps, "seconds": round(res.seconds, 1)}  # fmt: skip
+    if res.stopped_by:
+        summary["stopped_by"] = res.stopped_by
     if res.val is not None:
         summary["val_accuracy"] = res.val.accuracy
     if res.test is not None:
         summary["test_accuracy"] = res.test.accuracy
         summary["test_per_kind"] = {k: v["accuracy"] for k, v in res.test.per_kind.items()}
-    if args.json:
+    if as_json:
         print(json.dumps(summary))
-        return 0
+        return
     print(f"checkpoint: {res.out_dir}  (step {res.step}/{res.total_steps}, {res.seconds:.0f} s)")
     if res.val is not None:
         print(f"validation accuracy: {res.val.accuracy:.4f}")
@@ -135,8 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         kinds = ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in res.test.per_kind.items())
         print(f"test accuracy: {res.test.accuracy:.4f} on {res.test.n} questions ({kinds})")
     elif res.step < res.total_steps:
-        print(f"stopped early; continue with: vlmoe train --out {res.out_dir} --resume")
-    return 0
+        why = f"stopped by {res.stopped_by}" if res.stopped_by else "stopped early"
+        print(f"{why}; checkpoint saved; continue with: vlmoe train --out {res.out_dir} --resume")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -199,12 +203,8 @@ def add_checkpoint_data_arguments(p: argparse.ArgumentParser, split_help: str) -
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help=split_help)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vlmoe", description="Sparse Mixture-of-Experts vision-language models."
-    )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_train_parser(sub: Any) -> None:
+    """The `vlmoe train` subcommand and its options."""
     t = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     t.add_argument(
         "--preset", default="default", help="named config: tiny, default, dense (default: default)"
@@ -244,8 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="under torchrun: timeout of every collective, after which a run with a dead or "
         "stuck process fails (default: $VLMOE_DIST_TIMEOUT or 120)",
     )
+    t.add_argument("--save-minutes", type=float, default=None, metavar="MIN",
+                   help="also checkpoint every MIN minutes of training (default 10; 0 = off)")  # fmt: skip
+    t.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to OUT-tensorboard")  # fmt: skip
     t.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     t.set_defaults(func=cmd_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vlmoe", description="Sparse Mixture-of-Experts vision-language models."
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    _add_train_parser(sub)
 
     e = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
     add_checkpoint_data_arguments(e, "easy-VQA split (default: test)")
