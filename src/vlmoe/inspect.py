@@ -21,13 +21,18 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from vlmoe.checkpoint import CheckpointError
 from vlmoe.data import DataError
+
+if TYPE_CHECKING:
+    from vlmoe.analysis.stats import FFNTrace
+    from vlmoe.checkpoint import Checkpoint
+    from vlmoe.data import VQASplit
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -131,57 +136,128 @@ def inspect_checkpoint(
 ) -> dict[str, Any]:
     """Analyse `checkpoint` on a data split and write the report files; return the
     routing.json content. Bad paths raise CheckpointError / DataError (one line)."""
-    from vlmoe.analysis import VARIABLES, analyse, collect_routing
-    from vlmoe.analysis.plots import plot_load, plot_patches, plot_specialization
-    from vlmoe.analysis.report import build_report, build_text_experts, to_html, to_markdown
-    from vlmoe.checkpoint import load_checkpoint
-    from vlmoe.data import load_data
+    from vlmoe.analysis import analyse
 
+    _check_options(samples, max_questions, batch_size)
+    t0 = time.perf_counter()
+    ck = _load_moe_checkpoint(checkpoint, device)
+    out_dir = Path(out) if out is not None else ck.path / "inspect"
+    _prepare_out(out_dir)
+    ds = _load_split(ck, data, split, max_questions)
+    t_load = time.perf_counter()
+    traces, pred_Q = _route(ck, ds, batch_size, device)
+    t_fwd = time.perf_counter()
+    patch_size = ck.config.model.patch_size
+    result = analyse(
+        traces, ds, ck.tokenizer, patch_size=patch_size, permutations=permutations, seed=seed
+    )
+    accuracy = _accuracy(pred_Q, ds, ck.answers)
+    t_an = time.perf_counter()
+    picks = _pick_samples(ds, samples)
+    _write_plots(result, traces, ds, ck, pred_Q, picks, out_dir)
+    t_plot = time.perf_counter()
+    meta = _meta(ck, ds, split, traces, accuracy, picks, permutations, out_dir)
+    meta.update(_timing(t0, t_load, t_fwd, t_an, t_plot))
+    result = {"meta": meta, **result}
+    _write_reports(result, out_dir)
+    return result
+
+
+def _check_options(samples: int, max_questions: int | None, batch_size: int) -> None:
+    """Reject option values that cannot work (DataError naming the option) before any loading."""
     if samples < 0:
         raise DataError(f"--samples: expected >= 0, got {samples}")
     if max_questions is not None and max_questions <= 0:
         raise DataError(f"--max-questions: expected > 0, got {max_questions}")
     if batch_size <= 0:
         raise DataError(f"--batch-size: expected > 0, got {batch_size}")
-    t0 = time.perf_counter()
+
+
+def _load_moe_checkpoint(checkpoint: str | Path, device: str) -> Checkpoint:
+    """The checkpoint on `device`; CheckpointError when it is unreadable or has no MoE layer."""
+    from vlmoe.checkpoint import load_checkpoint
+
     ck = load_checkpoint(checkpoint, device)
-    mcfg = ck.config.model
-    if not mcfg.uses_moe:
+    if not ck.config.model.uses_moe:
         raise CheckpointError(
             f"{ck.path}: this model has no MoE layers (preset {ck.config.preset!r}); nothing to inspect"
         )
-    out_dir = Path(out) if out is not None else ck.path / "inspect"
-    _prepare_out(out_dir)
+    return ck
+
+
+def _load_split(
+    ck: Checkpoint, data: str | None, split: str, max_questions: int | None
+) -> VQASplit:
+    """The split to analyse: `data` (default: the checkpoint's training data) at the model's
+    image size, carved with the run's val_fraction and seed, cut to its first `max_questions`."""
+    from vlmoe.data import load_data
+
     spec = data or ck.config.data
-    ds = load_data(spec, split, mcfg.image_size, ck.config.train.val_fraction, ck.config.train.seed)
+    train = ck.config.train
+    ds = load_data(spec, split, ck.config.model.image_size, train.val_fraction, train.seed)
     if max_questions is not None and max_questions < len(ds):
         ds = ds.subset(range(max_questions))
-    t_load = time.perf_counter()
+    return ds
+
+
+def _route(
+    ck: Checkpoint, ds: VQASplit, batch_size: int, device: str
+) -> tuple[dict[str, FFNTrace], np.ndarray]:
+    """Run the model over every question of `ds`: ({FFN name: routing trace}, predicted answer
+    index int64 [Q]); CheckpointError when no token went through an MoE layer."""
+    from vlmoe.analysis import collect_routing
 
     traces, pred_Q = collect_routing(
         ck.model, ds, ck.tokenizer, ck.answers, batch_size=batch_size, device=device
     )
     if not traces:
         raise CheckpointError(f"{ck.path}: the model routed no tokens through an MoE layer")
-    t_fwd = time.perf_counter()
-    result = analyse(
-        traces, ds, ck.tokenizer, patch_size=mcfg.patch_size, permutations=permutations, seed=seed
-    )
-    answer_id = {a: i for i, a in enumerate(ck.answers)}
+    return traces, pred_Q
+
+
+def _accuracy(pred_Q: np.ndarray, ds: VQASplit, answers: list[str]) -> float | None:
+    """Share of questions whose predicted answer index (int [Q]) is the gold answer; None for an
+    empty split. Gold answers outside the model's answer set count as wrong (as in `vlmoe eval`)."""
+    answer_id = {a: i for i, a in enumerate(answers)}
     gold_Q = np.array([answer_id.get(a, -1) for a in ds.answers], dtype=np.int64)
-    # answers outside the model's answer set count as wrong (as in `vlmoe eval`)
-    accuracy = float(((pred_Q == gold_Q) & (gold_Q >= 0)).mean()) if len(ds) else None
-    t_an = time.perf_counter()
+    return float(((pred_Q == gold_Q) & (gold_Q >= 0)).mean()) if len(ds) else None
+
+
+def _write_plots(
+    result: dict[str, Any],
+    traces: dict[str, FFNTrace],
+    ds: VQASplit,
+    ck: Checkpoint,
+    pred_Q: np.ndarray,
+    picks: list[int],
+    out_dir: Path,
+) -> None:
+    """load.png, specialization.png and patches.png (the questions `picks`) into `out_dir`."""
+    from vlmoe.analysis import VARIABLES
+    from vlmoe.analysis.plots import plot_load, plot_patches, plot_specialization
 
     num_experts = {n: t.num_experts for n, t in traces.items()}
-    picks = _pick_samples(ds, samples)
-    sample_objs = _samples(traces, ds, ck.tokenizer, ck.answers, pred_Q, picks, mcfg.num_patches)
+    num_patches = ck.config.model.num_patches
+    sample_objs = _samples(traces, ds, ck.tokenizer, ck.answers, pred_Q, picks, num_patches)
     plot_load(result["ffns"], out_dir / "load.png")
     plot_specialization(result["ffns"], VARIABLES, out_dir / "specialization.png")
     plot_patches(sample_objs, result["position_mode"], num_experts, out_dir / "patches.png")
-    t_plot = time.perf_counter()
 
-    result["meta"] = {
+
+def _meta(
+    ck: Checkpoint,
+    ds: VQASplit,
+    split: str,
+    traces: dict[str, FFNTrace],
+    accuracy: float | None,
+    picks: list[int],
+    permutations: int,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """routing.json's "meta": what was analysed, with which model and settings, and where the
+    files are (the caller appends "seconds" and "timing", see `_timing`)."""
+    mcfg = ck.config.model
+    return {
         "checkpoint": str(ck.path),
         "preset": ck.config.preset,
         "data": ds.source,
@@ -202,6 +278,13 @@ def inspect_checkpoint(
         },
         "permutations": permutations,
         "out": str(out_dir),
+    }
+
+
+def _timing(t0: float, t_load: float, t_fwd: float, t_an: float, t_plot: float) -> dict[str, Any]:
+    """routing.json's "seconds" (from `t0` until now) and "timing" (per phase), in seconds
+    rounded to 0.01, from `time.perf_counter()` stamps taken at the end of each phase."""
+    return {
         "seconds": round(time.perf_counter() - t0, 2),
         "timing": {
             "load": round(t_load - t0, 2),
@@ -210,13 +293,19 @@ def inspect_checkpoint(
             "plots": round(t_plot - t_an, 2),
         },
     }
-    result = {"meta": result.pop("meta"), **result}
+
+
+def _write_reports(result: dict[str, Any], out_dir: Path) -> None:
+    """report.md, report.html (the PNGs already in `out_dir` inlined), text_experts.md and
+    routing.json (NaN/inf as null) from the routing.json content `result`."""
+    from vlmoe.analysis import VARIABLES
+    from vlmoe.analysis.report import build_report, build_text_experts, to_html, to_markdown
+
     doc = build_report(result, VARIABLES)
     (out_dir / "report.md").write_text(to_markdown(doc))
     (out_dir / "report.html").write_text(to_html(doc, out_dir))
     (out_dir / "text_experts.md").write_text(to_markdown(build_text_experts(result)))
     (out_dir / "routing.json").write_text(json.dumps(_finite(result), indent=1) + "\n")
-    return result
 
 
 def _prepare_out(out_dir: Path) -> None:

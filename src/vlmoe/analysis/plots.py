@@ -259,69 +259,18 @@ def plot_patches(
     colour of their text expert (one line per text MoE FFN)."""
     vnames = [n for n in num_experts if n.endswith(".vision")]
     tnames = [n for n in num_experts if n.endswith(".text")]
-    ncols = 1 + len(vnames) + (1 if tnames else 0)
-    nrows = 1 + len(samples)
     widths = [1.0] * (1 + len(vnames)) + ([2.2] if tnames else [])
+    nrows = 1 + len(samples)
     fig, axes = plt.subplots(
         nrows,
-        ncols,
+        len(widths),
         figsize=(2.0 * sum(widths), 2.05 * nrows),
         squeeze=False,
         gridspec_kw={"width_ratios": widths},
     )
-    head = axes[0]
-    head[0].axis("off")
-    head[0].text(
-        0.5,
-        0.5,
-        "whole data set:\nmost common\nexpert per patch\n(opacity = its share)",
-        ha="center",
-        va="center",
-        fontsize=8,
-    )
-    for j, name in enumerate(vnames, start=1):
-        m = dataset_maps.get(name)
-        if m is None:
-            head[j].axis("off")
-            continue
-        P = len(m["expert"])
-        g = int(round(P**0.5))
-        _expert_map(
-            head[j],
-            None,
-            np.asarray(m["expert"]).reshape(g, g),
-            num_experts[name],
-            1.0,
-            numbers=True,
-            share=np.asarray(m["share"]).reshape(g, g),
-        )
-        head[j].set_title(f"{name}", fontsize=8)
-    if tnames:
-        head[-1].axis("off")
-        head[-1].text(
-            0.0,
-            0.5,
-            "words boxed in the colour of their top-1 text expert\n"
-            "(one line per text MoE layer; white = dropped)",
-            fontsize=8,
-            va="center",
-        )
+    _dataset_row(axes[0], dataset_maps, num_experts, vnames, tnames)
     for i, s in enumerate(samples, start=1):
-        row = axes[i]
-        row[0].imshow(np.transpose(s.image, (1, 2, 0)), interpolation="nearest")
-        row[0].set_xticks([])
-        row[0].set_yticks([])
-        row[0].set_ylabel(f"#{i}", rotation=0, labelpad=12, fontsize=8)
-        ok = "✓" if s.predicted == s.answer else "✗"
-        row[0].set_title(f"gold {s.answer} · model {s.predicted} {ok}", fontsize=7)
-        for j, name in enumerate(vnames, start=1):
-            _expert_map(row[j], s.image, s.vision[name], num_experts[name], 0.6, numbers=True)
-            if i == 1:
-                row[j].set_title(f"{name} (top-1)", fontsize=8)
-        if tnames:
-            rows = [(n, s.text.get(n, [])) for n in tnames]
-            _word_boxes(row[-1], rows, max(num_experts[n] for n in tnames))
-            row[-1].set_title(f"“{s.question}”", fontsize=8, loc="left")
+        _sample_row(axes[i], i, s, num_experts, vnames, tnames)
     E = max(num_experts.values())
     handles = [
         Patch(facecolor=c, edgecolor="black", label=f"expert {e}")
@@ -336,3 +285,84 @@ def plot_patches(
     )
     fig.tight_layout(rect=(0, 0.035, 1, 0.98))
     return _save(fig, path)
+
+
+def _dataset_row(
+    head: np.ndarray,
+    dataset_maps: dict[str, dict[str, Any]],
+    num_experts: dict[str, int],
+    vnames: list[str],
+    tnames: list[str],
+) -> None:
+    """patches.png's first row (axes `head`: a caption, one map per vision FFN, the text
+    column's key): each patch coloured by the data set's most common expert there, opaque in
+    proportion to its share. A vision FFN missing from `dataset_maps` leaves a blank panel."""
+    head[0].axis("off")
+    head[0].text(
+        0.5,
+        0.5,
+        "whole data set:\nmost common\nexpert per patch\n(opacity = its share)",
+        ha="center",
+        va="center",
+        fontsize=8,
+    )
+    for j, name in enumerate(vnames, start=1):
+        m = dataset_maps.get(name)
+        if m is None:
+            head[j].axis("off")
+            continue
+        _dataset_map(head[j], name, m, num_experts[name])
+    if tnames:
+        head[-1].axis("off")
+        head[-1].text(
+            0.0,
+            0.5,
+            "words boxed in the colour of their top-1 text expert\n"
+            "(one line per text MoE layer; white = dropped)",
+            fontsize=8,
+            va="center",
+        )
+
+
+def _dataset_map(ax: plt.Axes, name: str, m: dict[str, Any], E: int) -> None:
+    """One vision FFN's map of the whole data set, titled `name`: `m` holds, per patch position
+    P = g·g, the most common top-1 expert ("expert") and the share it takes there ("share")."""
+    P = len(m["expert"])
+    g = int(round(P**0.5))
+    _expert_map(
+        ax,
+        None,
+        np.asarray(m["expert"]).reshape(g, g),
+        E,
+        1.0,
+        numbers=True,
+        share=np.asarray(m["share"]).reshape(g, g),
+    )
+    ax.set_title(f"{name}", fontsize=8)
+
+
+def _sample_row(
+    row: np.ndarray,
+    i: int,
+    s: Sample,
+    num_experts: dict[str, int],
+    vnames: list[str],
+    tnames: list[str],
+) -> None:
+    """Row `i` (1-based) of patches.png for one sample, on axes `row`: the image titled with
+    gold and predicted answers, per vision FFN its patches' top-1 experts over the image (FFN
+    names as titles on row 1 only), and the question's words boxed by text expert."""
+    row[0].imshow(np.transpose(s.image, (1, 2, 0)), interpolation="nearest")
+    row[0].set_xticks([])
+    row[0].set_yticks([])
+    row[0].set_ylabel(f"#{i}", rotation=0, labelpad=12, fontsize=8)
+    ok = "✓" if s.predicted == s.answer else "✗"
+    row[0].set_title(f"gold {s.answer} · model {s.predicted} {ok}", fontsize=7)
+    for j, name in enumerate(vnames, start=1):
+        _expert_map(row[j], s.image, s.vision[name], num_experts[name], 0.6, numbers=True)
+        if i == 1:
+            row[j].set_title(f"{name} (top-1)", fontsize=8)
+    if tnames:
+        rows = [(n, s.text.get(n, [])) for n in tnames]
+        _word_boxes(row[-1], rows, max(num_experts[n] for n in tnames))
+        row[-1].set_title(f"“{s.question}”", fontsize=8, loc="left")

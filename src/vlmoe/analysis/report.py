@@ -25,75 +25,86 @@ def _pct(x: float) -> str:
 
 
 def build_report(result: dict[str, Any], variables: tuple[str, ...]) -> list[Block]:
-    """The report's blocks from the `routing.json` content."""
+    """The report's blocks from the `routing.json` content: summary and findings, expert load,
+    specialisation (per variable, then per question kind / patch content), single examples and
+    the words per text expert."""
+    return (
+        _summary_blocks(result)
+        + _load_blocks(result["ffns"])
+        + _specialization_blocks(result["ffns"], variables)
+        + _breakdown_blocks(result["ffns"])
+        + _examples_blocks(result)
+    )
+
+
+def _summary_blocks(result: dict[str, Any]) -> list[Block]:
+    """Title, one paragraph on what was analysed, the findings and how to read an NMI."""
     meta, ffns = result["meta"], result["ffns"]
-    doc: list[Block] = [("h1", "Routing report")]
     acc = meta.get("accuracy")
-    doc.append(
-        (
-            "p",
-            (
-                f"Checkpoint `{meta['checkpoint']}` (preset `{meta['preset']}`) on **{meta['data']}**: "
-                f"{meta['questions']:,} questions, {meta['tokens_routed']:,} routed tokens over "
-                f"{len(ffns)} MoE FFNs"
-                + (f"; answer accuracy {acc:.2%}" if acc is not None else "")
-                + f". Analysis took {meta['seconds']:.1f} s."
-            ),
-        )
+    summary = (
+        f"Checkpoint `{meta['checkpoint']}` (preset `{meta['preset']}`) on **{meta['data']}**: "
+        f"{meta['questions']:,} questions, {meta['tokens_routed']:,} routed tokens over "
+        f"{len(ffns)} MoE FFNs"
+        + (f"; answer accuracy {acc:.2%}" if acc is not None else "")
+        + f". Analysis took {meta['seconds']:.1f} s."
     )
-    doc.append(("h2", "Findings"))
-    doc.append(("ul", list(result["findings"])))
-    doc.append(
-        (
-            "p",
-            (
-                "Read NMI (normalised mutual information, 0 = the expert says nothing about the "
-                "property, 1 = it determines it) against the *random* column: the same NMI with the "
-                "expert choices shuffled across tokens, which is what chance alone produces on this "
-                "many tokens. Only the gap is evidence of specialisation."
-            ),
-        )
+    how_to_read = (
+        "Read NMI (normalised mutual information, 0 = the expert says nothing about the "
+        "property, 1 = it determines it) against the *random* column: the same NMI with the "
+        "expert choices shuffled across tokens, which is what chance alone produces on this "
+        "many tokens. Only the gap is evidence of specialisation."
     )
+    return [
+        ("h1", "Routing report"),
+        ("p", summary),
+        ("h2", "Findings"),
+        ("ul", list(result["findings"])),
+        ("p", how_to_read),
+    ]
 
-    doc.append(("h2", "Expert load"))
-    doc.append(("img", "load.png", "Expert load per MoE FFN"))
-    rows = []
-    for name, f in ffns.items():
-        rows.append(
-            [
-                f"`{name}`",
-                str(f["num_experts"]),
-                f"{f['tokens']:,}",
-                " ".join(f"{100 * s:.0f}" for s in f["share"]),
-                " ".join(f"{100 * s:.0f}" for s in f["share_top1"]),
-                f"{f['entropy']:.2f} / {f['entropy_max']:.2f}",
-                _pct(f["dropped"]),
-                f"{f['imbalance']:.2f}",
-                f"{f['effective_experts']:.1f}",
-                ", ".join(map(str, f["dead"])) or "none",
-            ]
-        )
-    doc.append(
-        (
-            "table",
-            [
-                "FFN",
-                "E",
-                "tokens",
-                "share % per expert (all top-k)",
-                "share % (top-1)",
-                "router entropy (nats) / max",
-                "dropped",
-                "imbalance (max/mean)",
-                "effective experts",
-                "dead (< 1%)",
-            ],
-            rows,
-        )
-    )
 
-    doc.append(("h2", "Specialisation"))
-    doc.append(("img", "specialization.png", "NMI between the chosen expert and token properties"))
+_LOAD_HEADER = (
+    "FFN",
+    "E",
+    "tokens",
+    "share % per expert (all top-k)",
+    "share % (top-1)",
+    "router entropy (nats) / max",
+    "dropped",
+    "imbalance (max/mean)",
+    "effective experts",
+    "dead (< 1%)",
+)
+
+
+def _load_blocks(ffns: dict[str, Any]) -> list[Block]:
+    """The "Expert load" section: load.png and one table row per MoE FFN."""
+    rows = [
+        [
+            f"`{name}`",
+            str(f["num_experts"]),
+            f"{f['tokens']:,}",
+            " ".join(f"{100 * s:.0f}" for s in f["share"]),
+            " ".join(f"{100 * s:.0f}" for s in f["share_top1"]),
+            f"{f['entropy']:.2f} / {f['entropy_max']:.2f}",
+            _pct(f["dropped"]),
+            f"{f['imbalance']:.2f}",
+            f"{f['effective_experts']:.1f}",
+            ", ".join(map(str, f["dead"])) or "none",
+        ]
+        for name, f in ffns.items()
+    ]
+    return [
+        ("h2", "Expert load"),
+        ("img", "load.png", "Expert load per MoE FFN"),
+        ("table", list(_LOAD_HEADER), rows),
+    ]
+
+
+def _specialization_blocks(ffns: dict[str, Any], variables: tuple[str, ...]) -> list[Block]:
+    """The "Specialisation" section: specialization.png, a table of "NMI (random)" per FFN and
+    variable ("—" where the variable does not apply, "†" where it holds by construction), and
+    the note that explains the marks."""
     rows = []
     for name, f in ffns.items():
         spec = f["specialization"]
@@ -106,20 +117,27 @@ def build_report(result: dict[str, Any], variables: tuple[str, ...]) -> list[Blo
                 mark = " †" if s.get("by_construction") else ""
                 row.append(f"{s['nmi']:.3f} ({s['baseline']:.3f}){mark}")
         rows.append(row)
-    doc.append(("table", ["FFN"] + [f"{v} NMI (random)" for v in variables], rows))
-    doc.append(
-        (
-            "p",
-            (
-                "† by construction: VL-MoE gives vision and text tokens separate expert sets, so the "
-                "layer's choice (expert set, expert) names the modality exactly; the number is not a "
-                "learned effect. Position is the patch index for vision and the word position for "
-                "text; patch content is background / edge / object (pixels differing from the image's "
-                "border colour). Full numbers (mutual information in bits, entropies, the share of the "
-                "routing each property explains) are in `routing.json`."
-            ),
-        )
+    note = (
+        "† by construction: VL-MoE gives vision and text tokens separate expert sets, so the "
+        "layer's choice (expert set, expert) names the modality exactly; the number is not a "
+        "learned effect. Position is the patch index for vision and the word position for "
+        "text; patch content is background / edge / object (pixels differing from the image's "
+        "border colour). Full numbers (mutual information in bits, entropies, the share of the "
+        "routing each property explains) are in `routing.json`."
     )
+    return [
+        ("h2", "Specialisation"),
+        ("img", "specialization.png", "NMI between the chosen expert and token properties"),
+        ("table", ["FFN"] + [f"{v} NMI (random)" for v in variables], rows),
+        ("p", note),
+    ]
+
+
+def _breakdown_blocks(ffns: dict[str, Any]) -> list[Block]:
+    """Per FFN, a heading and a table of the top-1 expert's share (%) of each question kind's
+    and each patch content's tokens; values with no tokens are left out, FFNs without the
+    breakdown are skipped."""
+    doc: list[Block] = []
     for name, f in ffns.items():
         for key, title in (("by_kind", "question kind"), ("by_content", "patch content")):
             tab = f.get(key)
@@ -134,9 +152,16 @@ def build_report(result: dict[str, Any], variables: tuple[str, ...]) -> list[Blo
                 for e in range(len(counts))
             ]
             doc.append(("table", ["expert"] + [tab["values"][v] for v in keep], rows))
+    return doc
 
-    doc.append(("h2", "Routing of single examples"))
-    doc.append(("img", "patches.png", "Top-1 expert of every patch and word for sample questions"))
+
+def _examples_blocks(result: dict[str, Any]) -> list[Block]:
+    """The "Routing of single examples" section (patches.png), followed by the content of
+    text_experts.md one heading level down when the model has text MoE FFNs."""
+    doc: list[Block] = [
+        ("h2", "Routing of single examples"),
+        ("img", "patches.png", "Top-1 expert of every patch and word for sample questions"),
+    ]
     if result.get("text_experts"):
         # the same section as text_experts.md, one heading level down
         demote = {"h1": "h2", "h2": "h3", "h3": "h3"}

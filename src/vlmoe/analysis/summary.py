@@ -19,6 +19,7 @@ Specialisation variables (token labels the top-1 expert is compared with):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,61 +61,129 @@ def analyse(
 ) -> dict[str, Any]:
     """All numbers of the report (JSON-ready): {"ffns": {name: …}, "modality": {layer: …},
     "text_experts": {name: [...]}, "position_mode": {name: …}, "findings": [str]}."""
-    kind_Q, kind_names = encode_labels(split.kinds)
-    answer_Q, answer_names = encode_labels(split.answers)
-    content_NP = patch_content(split.images, patch_size)
-    image_Q = split.image_index.numpy()
-    id_to_word = {i: w for w, i in tokenizer.vocab().items()}
-
+    split_labels = _SplitLabels.of(split, tokenizer, patch_size)
     ffns: dict[str, Any] = {}
     text_experts: dict[str, Any] = {}
     position_mode: dict[str, Any] = {}
     for name, tr in traces.items():
+        expert, labels = _token_labels(tr, split_labels)
+        ffns[name] = _ffn_entry(tr, expert, labels, split_labels, permutations, seed)
         E = tr.num_experts
-        keep = tr.top1 >= 0
-        expert = tr.top1[keep].astype(np.int64)
-        q = tr.question[keep]
-        pos = tr.position[keep].astype(np.int64)
-        labels: dict[str, np.ndarray] = {
-            "question kind": kind_Q[q],
-            "answer": answer_Q[q],
-            "position": pos,
-        }
-        if tr.modality == "text" and tr.word is not None:
-            labels["word"] = tr.word[keep]
         if tr.modality == "vision":
-            labels["patch content"] = content_NP[image_Q[q], pos].astype(np.int64)
-        spec = specialization(expert, labels, E, permutations=permutations, seed=seed)
-        spec["answer within kind"] = conditional_specialization(
-            expert, answer_Q[q], kind_Q[q], permutations=permutations, seed=seed
-        )
-        entry: dict[str, Any] = {
-            "layer": tr.layer,
-            "modality": tr.modality,
-            "num_experts": E,
-            "top_k": tr.top_k,
-            **load_stats(tr),
-            "specialization": {v: spec[v] for v in VARIABLES if v in spec},
-            "by_kind": {
-                "values": kind_names,
-                "counts": contingency(expert, kind_Q[q], E, len(kind_names)).tolist(),
-            },
-        }
-        if "patch content" in labels:
-            entry["by_content"] = {
-                "values": list(PATCH_CONTENT_NAMES),
-                "counts": contingency(expert, labels["patch content"], E, 3).tolist(),
-            }
-        ffns[name] = entry
-        if tr.modality == "vision":
-            position_mode[name] = _position_mode(expert, pos, E, int(content_NP.shape[1]))
+            P = int(split_labels.content_NP.shape[1])
+            position_mode[name] = _position_mode(expert, labels["position"], E, P)
         if "word" in labels:
-            text_experts[name] = _text_experts(expert, labels["word"], E, id_to_word, top_words)
-    _ = answer_names  # (answer strings are in the split; codes suffice for the numbers)
+            text_experts[name] = _text_experts(
+                expert, labels["word"], E, split_labels.id_to_word, top_words
+            )
+    modality = _modality_by_construction(traces, ffns, permutations, seed)
+    return {
+        "ffns": ffns,
+        "modality": modality,
+        "text_experts": text_experts,
+        "position_mode": position_mode,
+        "findings": findings(ffns),
+    }
 
+
+@dataclass(frozen=True)
+class _SplitLabels:
+    """The split's labels, encoded once and shared by every FFN (Q questions, N images,
+    P patches per image)."""
+
+    kind_Q: np.ndarray  # int64 [Q]: code of each question's kind
+    kind_names: list[str]  # the kinds, indexed by code
+    answer_Q: np.ndarray  # int64 [Q]: code of each question's gold answer
+    content_NP: np.ndarray  # int8 [N, P]: 0 background, 1 edge, 2 object (`patch_content`)
+    image_Q: np.ndarray  # [Q]: row of each question's image in split.images
+    id_to_word: dict[int, str]  # token id → word
+
+    @classmethod
+    def of(cls, split: VQASplit, tokenizer: WordTokenizer, patch_size: int) -> _SplitLabels:
+        """Encode `split`'s kinds and answers, its images' patch content at `patch_size`, and
+        the tokenizer's vocabulary."""
+        kind_Q, kind_names = encode_labels(split.kinds)
+        # the answer strings are in the split; their codes suffice for the numbers
+        answer_Q, _ = encode_labels(split.answers)
+        return cls(
+            kind_Q=kind_Q,
+            kind_names=kind_names,
+            answer_Q=answer_Q,
+            content_NP=patch_content(split.images, patch_size),
+            image_Q=split.image_index.numpy(),
+            id_to_word={i: w for w, i in tokenizer.vocab().items()},
+        )
+
+
+def _token_labels(
+    tr: FFNTrace, split_labels: _SplitLabels
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The kept (not dropped) tokens of one FFN: their top-1 expert, int64 [T], and their
+    labels, each [T]: "question kind", "answer", "position", plus "word" (text FFNs that
+    recorded words) or "patch content" (vision FFNs)."""
+    keep = tr.top1 >= 0
+    expert = tr.top1[keep].astype(np.int64)
+    q = tr.question[keep]
+    pos = tr.position[keep].astype(np.int64)
+    labels: dict[str, np.ndarray] = {
+        "question kind": split_labels.kind_Q[q],
+        "answer": split_labels.answer_Q[q],
+        "position": pos,
+    }
+    if tr.modality == "text" and tr.word is not None:
+        labels["word"] = tr.word[keep]
+    if tr.modality == "vision":
+        image = split_labels.image_Q[q]
+        labels["patch content"] = split_labels.content_NP[image, pos].astype(np.int64)
+    return expert, labels
+
+
+def _ffn_entry(
+    tr: FFNTrace,
+    expert: np.ndarray,
+    labels: dict[str, np.ndarray],
+    split_labels: _SplitLabels,
+    permutations: int,
+    seed: int,
+) -> dict[str, Any]:
+    """routing.json's entry of one FFN: its load numbers, the specialisation on each label (in
+    VARIABLES order; "modality" is added later, per layer) and the top-1 expert's counts per
+    question kind and, for vision, per patch content."""
+    E = tr.num_experts
+    spec = specialization(expert, labels, E, permutations=permutations, seed=seed)
+    spec["answer within kind"] = conditional_specialization(
+        expert, labels["answer"], labels["question kind"], permutations=permutations, seed=seed
+    )
+    kind_names = split_labels.kind_names
+    entry: dict[str, Any] = {
+        "layer": tr.layer,
+        "modality": tr.modality,
+        "num_experts": E,
+        "top_k": tr.top_k,
+        **load_stats(tr),
+        "specialization": {v: spec[v] for v in VARIABLES if v in spec},
+        "by_kind": {
+            "values": kind_names,
+            "counts": contingency(expert, labels["question kind"], E, len(kind_names)).tolist(),
+        },
+    }
+    if "patch content" in labels:
+        entry["by_content"] = {
+            "values": list(PATCH_CONTENT_NAMES),
+            "counts": contingency(expert, labels["patch content"], E, 3).tolist(),
+        }
+    return entry
+
+
+def _modality_by_construction(
+    traces: dict[str, FFNTrace], ffns: dict[str, Any], permutations: int, seed: int
+) -> dict[str, Any]:
+    """{"layerL": specialisation on modality} for each layer with both a vision and a text MoE
+    FFN, measured on the layer's combined choice (expert set, expert) and flagged
+    `by_construction`. The same entry is put first in both FFNs' "specialization" (in place,
+    keeping VARIABLES order)."""
     modality: dict[str, Any] = {}
-    layers = sorted({tr.layer for tr in traces.values()})
-    for layer in layers:
+    for layer in sorted({tr.layer for tr in traces.values()}):
         v, t = traces.get(f"layer{layer}.vision"), traces.get(f"layer{layer}.text")
         if v is None or t is None:
             continue
@@ -137,14 +206,7 @@ def analyse(
         for name in (v.name, t.name):
             spec = {"modality": s, **ffns[name]["specialization"]}
             ffns[name]["specialization"] = {k: spec[k] for k in VARIABLES if k in spec}
-
-    return {
-        "ffns": ffns,
-        "modality": modality,
-        "text_experts": text_experts,
-        "position_mode": position_mode,
-        "findings": findings(ffns),
-    }
+    return modality
 
 
 def _position_mode(expert: np.ndarray, pos: np.ndarray, E: int, P: int) -> dict[str, Any]:
