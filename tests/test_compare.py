@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vlmoe.compare import VARIANTS, compare_base, variant_configs, wide_d_ff
 from vlmoe.config import dense, tiny
 from vlmoe.flops import flops_per_sample
+from vlmoe.data import Batch
 from vlmoe.models import build_model
 
 
@@ -28,7 +29,7 @@ def _counted_flops(cfg, text_len: int) -> float:
     # the math backend runs attention as visible bmm ops, which the counter sees; the fused
     # CPU kernel is not registered with it
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        model(images, ids, mask)
+        model(Batch(images, ids, mask, None, torch.arange(B)))
     return fc.get_total_flops() / B
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmoe.data import VQASplit, WordTokenizer, iterate_batches
+from vlmoe.data import VQASplit, WordTokenizer
 
 DEAD_SHARE = 0.01  #: an expert with less than this share of assignments is "dead"
 
@@ -86,7 +86,33 @@ class _Acc:
     dropped_sum: float = 0.0
 
 
-@torch.inference_mode()
+def _record_batch(accs: dict[str, _Acc], batch: Any, out: Any) -> None:
+    """Add one batch's routing records to the per-FFN accumulators."""
+    qidx_B = batch.question_index.cpu()
+    for rec in out.routing:
+        d = rec.routing
+        E = d.probs.shape[-1]
+        acc = accs.get(rec.name)
+        if acc is None:
+            acc = accs[rec.name] = _Acc(rec.layer, rec.modality, E, int(d.indices.shape[-1]))
+        idx_TK = d.indices.cpu()
+        tok_T2 = rec.token_index.cpu()
+        T = idx_TK.shape[0]
+        acc.top1.append(idx_TK[:, 0].to(torch.int16).numpy())
+        acc.question.append(qidx_B[tok_T2[:, 0]].to(torch.int32).numpy())
+        acc.position.append(tok_T2[:, 1].to(torch.int16).numpy())
+        if rec.modality == "text":
+            ids = batch.input_ids.cpu()
+            acc.word.append(ids[tok_T2[:, 0], tok_T2[:, 1]].to(torch.int32).numpy())
+        flat = idx_TK.reshape(-1)
+        counts = torch.bincount(flat[flat >= 0], minlength=E)
+        psum = d.probs.float().sum(0).cpu().double()
+        acc.assignments = counts if acc.assignments is None else acc.assignments + counts
+        acc.prob_sum = psum if acc.prob_sum is None else acc.prob_sum + psum
+        acc.entropy_sum += float(rec.stats.router_entropy) * T
+        acc.dropped_sum += float(rec.stats.dropped_fraction) * T
+
+
 def collect_routing(
     model: torch.nn.Module,
     split: VQASplit,
@@ -95,44 +121,15 @@ def collect_routing(
     *,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
-    max_len: int | None = None,
 ) -> tuple[dict[str, FFNTrace], np.ndarray]:
-    """Run `model` over every question of `split`; return ({ffn name: FFNTrace}, predicted
-    answer index int64 [Q]). FFN names are "layer{i}.{modality}", in model order."""
-    was_training = model.training
-    model.eval()
-    max_len = max_len or model.cfg.max_text_len
+    """Run `model` over every question of `split` (through ``vlmoe.evaluate.run_split``, the
+    one evaluation loop); return ({ffn name: FFNTrace}, predicted answer index int64 [Q]).
+    FFN names are "layer{i}.{modality}", in model order. One process."""
+    from vlmoe.evaluate import run_split
+
     accs: dict[str, _Acc] = {}
-    pred_Q = np.full(len(split), -1, dtype=np.int64)
-    for batch in iterate_batches(
-        split, tokenizer, answers, batch_size, shuffle=False, max_len=max_len
-    ):
-        b = batch.to(device)
-        out = model(b.images, b.input_ids, b.attention_mask)
-        qidx_B = batch.question_index
-        pred_Q[qidx_B.numpy()] = out.logits.argmax(-1).cpu().numpy()
-        for rec in out.routing:
-            d = rec.routing
-            E = d.probs.shape[-1]
-            acc = accs.get(rec.name)
-            if acc is None:
-                acc = accs[rec.name] = _Acc(rec.layer, rec.modality, E, int(d.indices.shape[-1]))
-            idx_TK = d.indices.cpu()
-            tok_T2 = rec.token_index.cpu()
-            T = idx_TK.shape[0]
-            acc.top1.append(idx_TK[:, 0].to(torch.int16).numpy())
-            acc.question.append(qidx_B[tok_T2[:, 0]].to(torch.int32).numpy())
-            acc.position.append(tok_T2[:, 1].to(torch.int16).numpy())
-            if rec.modality == "text":
-                acc.word.append(batch.input_ids[tok_T2[:, 0], tok_T2[:, 1]].to(torch.int32).numpy())
-            flat = idx_TK.reshape(-1)
-            counts = torch.bincount(flat[flat >= 0], minlength=E)
-            psum = d.probs.float().sum(0).cpu().double()
-            acc.assignments = counts if acc.assignments is None else acc.assignments + counts
-            acc.prob_sum = psum if acc.prob_sum is None else acc.prob_sum + psum
-            acc.entropy_sum += float(rec.stats.router_entropy) * T
-            acc.dropped_sum += float(rec.stats.dropped_fraction) * T
-    model.train(was_training)
+    pred_Q, _, _, _ = run_split(model, split, tokenizer, answers, batch_size=batch_size,
+                                device=device, on_batch=lambda b, o: _record_batch(accs, b, o))  # fmt: skip
     traces = {}
     for name, a in accs.items():
         traces[name] = FFNTrace(
@@ -150,7 +147,7 @@ def collect_routing(
             entropy_sum=a.entropy_sum,
             dropped_sum=a.dropped_sum,
         )
-    return traces, pred_Q
+    return traces, pred_Q.numpy()
 
 
 # ----------------------------------------------------------------------------- load
