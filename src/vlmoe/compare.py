@@ -201,6 +201,62 @@ def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+FLOPS_CONVENTION = (
+    "analytic, 2·MACs, matmuls and convs only (stem, attention projections and scores, "
+    "FFN / top-k experts, router, head); per sample with the mean question length; "
+    "training = 3 × forward"
+)
+
+
+def _variant_info(cfgs: dict[str, RunConfig], text_len: float) -> dict[str, dict[str, Any]]:
+    """Per variant: parameter counts, FFN settings and analytic FLOPs (no runs yet)."""
+    info: dict[str, dict[str, Any]] = {}
+    for name, cfg in cfgs.items():
+        total, active = _param_counts(cfg)
+        fl = flops_per_sample(cfg.model, text_len)
+        info[name] = {
+            "params_total": total,
+            "params_active": active,
+            "d_ff": cfg.model.d_ff,
+            "moe_vision": cfg.model.uses_moe and cfg.model.moe_vision,
+            "moe_text": cfg.model.uses_moe and cfg.model.moe_text,
+            "flops_per_sample": fl.total,
+            "train_flops_per_sample": fl.train,
+            "flops_breakdown": fl.to_dict(),
+            "runs": [],
+        }
+    return info
+
+
+def _finish_variants(info: dict[str, dict[str, Any]], variants: list[str], batch: int) -> None:
+    """Aggregate each variant's runs and, with a dense variant, the paired Δ loss vs dense."""
+    for name in variants:
+        info[name].update(_aggregate(info[name]["runs"]))
+        info[name]["train_flops_per_step"] = info[name]["train_flops_per_sample"] * batch
+    if "dense" in info:
+        ref = {r["seed"]: r["final_val_loss"] for r in info["dense"]["runs"]}
+        for name in variants:
+            d = [r["final_val_loss"] - ref[r["seed"]] for r in info[name]["runs"]]
+            m, s = _mean_std(d)
+            info[name]["delta_vs_dense_mean"], info[name]["delta_vs_dense_std"] = m, s
+
+
+def _run_all(cfgs: dict[str, RunConfig], info: dict[str, dict[str, Any]], seeds: int,
+             out: Path, log: Any, t0: float) -> None:  # fmt: skip
+    """Train every (seed, variant), seed-major: whatever else loads the machine is spread
+    over all variants alike. Appends each run's result to ``info[variant]["runs"]``."""
+    for seed in range(seeds):
+        for name, cfg in cfgs.items():
+            c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+            r = run_one(c, out / "runs" / name / f"seed{seed}")
+            info[name]["runs"].append(r)
+            log(
+                f"  {name:<11} seed {seed}: val loss {r['final_val_loss']:.4f} "
+                f"acc {r['final_val_accuracy']:.4f}  {r['step_seconds'] * 1000:.0f} ms/step  "
+                f"({r['seconds']:.0f} s, {time.time() - t0:.0f} s total)"
+            )
+
+
 def compare(
     base: RunConfig,
     out: Path,
@@ -234,47 +290,13 @@ def compare(
         train=dataclasses.replace(base.train, epochs=epochs),
     )
     cfgs = variant_configs(base, variants)
-    info: dict[str, dict[str, Any]] = {}
-    for name, cfg in cfgs.items():
-        total, active = _param_counts(cfg)
-        fl = flops_per_sample(cfg.model, text_len)
-        info[name] = {
-            "params_total": total,
-            "params_active": active,
-            "d_ff": cfg.model.d_ff,
-            "moe_vision": cfg.model.uses_moe and cfg.model.moe_vision,
-            "moe_text": cfg.model.uses_moe and cfg.model.moe_text,
-            "flops_per_sample": fl.total,
-            "train_flops_per_sample": fl.train,
-            "flops_breakdown": fl.to_dict(),
-            "runs": [],
-        }
+    info = _variant_info(cfgs, text_len)
     log(
         f"vlmoe compare: {len(variants)} variants × {seeds} seeds, {steps} steps of "
         f"{base.train.batch_size} ({steps / per_epoch:.2f} epochs of {len(train_split)} questions)"
     )
-    # seed-major order: whatever else loads the machine is spread over all variants alike
-    for seed in range(seeds):
-        for name, cfg in cfgs.items():
-            c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
-            r = run_one(c, out / "runs" / name / f"seed{seed}")
-            info[name]["runs"].append(r)
-            log(
-                f"  {name:<11} seed {seed}: val loss {r['final_val_loss']:.4f} "
-                f"acc {r['final_val_accuracy']:.4f}  {r['step_seconds'] * 1000:.0f} ms/step  "
-                f"({r['seconds']:.0f} s, {time.time() - t0:.0f} s total)"
-            )
-    for name in variants:
-        info[name].update(_aggregate(info[name]["runs"]))
-        info[name]["train_flops_per_step"] = (
-            info[name]["train_flops_per_sample"] * base.train.batch_size
-        )
-    if "dense" in info:
-        ref = {r["seed"]: r["final_val_loss"] for r in info["dense"]["runs"]}
-        for name in variants:
-            d = [r["final_val_loss"] - ref[r["seed"]] for r in info[name]["runs"]]
-            m, s = _mean_std(d)
-            info[name]["delta_vs_dense_mean"], info[name]["delta_vs_dense_std"] = m, s
+    _run_all(cfgs, info, seeds, out, log, t0)
+    _finish_variants(info, variants, base.train.batch_size)
     t = base.train
     return {
         "data": base.data,
@@ -289,11 +311,7 @@ def compare(
         "mean_text_tokens": round(text_len, 3),
         "optimizer": f"AdamW lr={t.lr} wd={t.weight_decay} warmup={t.warmup_steps} cosine→{t.min_lr_ratio}",
         "model": dataclasses.asdict(base.model),
-        "flops_convention": (
-            "analytic, 2·MACs, matmuls and convs only (stem, attention projections and scores, "
-            "FFN / top-k experts, router, head); per sample with the mean question length; "
-            "training = 3 × forward"
-        ),
+        "flops_convention": FLOPS_CONVENTION,
         "wall_seconds": round(time.time() - t0, 1),
         "variants": info,
     }

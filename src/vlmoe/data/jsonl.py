@@ -46,23 +46,7 @@ def load_jsonl(path: str | os.PathLike, image_size: int = 64) -> VQASplit:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        where = f"{file}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        for key in _FIELDS:
-            if key not in record:
-                raise DataError(f"{where}: missing field {key!r} (need {', '.join(_FIELDS)})")
-            if not isinstance(record[key], str):
-                got = type(record[key]).__name__
-                raise DataError(f"{where}: field {key!r} must be a string, got {got}")
-        image, question, answer = (record[k].strip() for k in _FIELDS)
-        for key, value in (("image", image), ("question", question), ("answer", answer)):
-            if not value:
-                raise DataError(f"{where}: field {key!r} is empty")
+        image, question, answer = _parse_record(line, f"{file}:{lineno}")
         resolved = resolve(image, base)
         if resolved not in row_of:
             row_of[resolved] = len(image_paths)
@@ -87,6 +71,27 @@ def load_jsonl(path: str | os.PathLike, image_size: int = 64) -> VQASplit:
         source=str(file),
         image_names=image_names,
     )
+
+
+def _parse_record(line: str, where: str) -> tuple[str, str, str]:
+    """(image, question, answer) of one JSONL line, stripped; DataError naming ``where``."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key in _FIELDS:
+        if key not in record:
+            raise DataError(f"{where}: missing field {key!r} (need {', '.join(_FIELDS)})")
+        if not isinstance(record[key], str):
+            got = type(record[key]).__name__
+            raise DataError(f"{where}: field {key!r} must be a string, got {got}")
+    image, question, answer = (record[k].strip() for k in _FIELDS)
+    for key, value in (("image", image), ("question", question), ("answer", answer)):
+        if not value:
+            raise DataError(f"{where}: field {key!r} is empty")
+    return image, question, answer
 
 
 def _read_text(file: Path) -> str:
