@@ -2,8 +2,10 @@
 
     python bench/train_step.py [--preset default] [--repeats 7] [--batch-size 128] [--threads N]
 
-Both models see the same real easy-VQA batch (images, questions, labels) and run the full
-training step: forward, loss (+ aux losses), backward, AdamW step. Runs alternate between the
+Both models see the same real easy-VQA batch (images, questions, labels) and run the step
+`vlmoe train` runs — `vlmoe.train.train_step`: forward, loss (+ aux losses), backward, gradient
+clipping, AdamW with the trainer's parameter groups, lr schedule — with the trainer's allocator
+setting (`keep_freed_memory`). Runs alternate between the
 two models so that machine noise hits both alike; the table reports the median step time over
 `--repeats` timed steps (after warm-up), samples/s, and the MoE/dense ratio.
 """
@@ -11,15 +13,17 @@ two models so that machine noise hits both alike; the table reports the median s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 
 import torch
 
 from vlmoe.config import dense, get_preset
-from vlmoe.data import WordTokenizer, iterate_batches, load_easyvqa
 from vlmoe.models import build_model
+from vlmoe.moe import keep_freed_memory
+from vlmoe.train import VQATask, train_step
+from vlmoe.train.optim import build_optimizer, no_decay_names
+from vlmoe.train.parallel import Engine
 
 
 def main() -> None:
@@ -33,31 +37,29 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    keep_freed_memory()  # as vlmoe train does
     base = get_preset(args.preset)
     bs = args.batch_size or base.train.batch_size
-    split = load_easyvqa("train", image_size=base.model.image_size)
-    tok = WordTokenizer.build(split.questions)
-    answers = sorted(set(split.answers))
-    batch = next(
-        iterate_batches(split, tok, answers, bs, shuffle=True, max_len=base.model.max_text_len)
-    )
+    base.train.batch_size = bs
+    task = VQATask(base)
+    batch = next(task.train_batches(bs, epoch=0, start=0, rank=0, world_size=1))
+    engine = Engine.from_env("cpu")
+    t = base.train
 
-    variants = {"moe": base, "dense twin": dense(get_preset(args.preset))}
+    variants = {"moe": task.cfg, "dense twin": dense(task.cfg)}
     models, opts = {}, {}
     for name, cfg in variants.items():
-        mcfg = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size, num_answers=len(answers))
         torch.manual_seed(0)
-        models[name] = build_model(mcfg).train()
-        opts[name] = torch.optim.AdamW(models[name].parameters(), lr=1e-4)
+        model = build_model(cfg.model).train()
+        models[name] = model
+        schedule = (t.warmup_steps, 10_000, t.min_lr_ratio)
+        opts[name] = build_optimizer(model, no_decay_names(model), t.lr, t.weight_decay, schedule)
 
     def step(name: str) -> float:
-        m, o = models[name], opts[name]
-        t = time.perf_counter()
-        out = m(batch.images, batch.input_ids, batch.attention_mask, batch.labels)
-        o.zero_grad(set_to_none=True)
-        out.loss.backward()
-        o.step()
-        return time.perf_counter() - t
+        opt, sched = opts[name]
+        start = time.perf_counter()
+        train_step(models[name], batch, opt, engine, t.grad_clip, sched)
+        return time.perf_counter() - start
 
     times: dict[str, list[float]] = {n: [] for n in variants}
     for i in range(args.warmup + args.repeats):
