@@ -137,3 +137,26 @@ def test_a_signal_stops_after_the_step_with_a_resumable_checkpoint(tmp_path, sig
     res = train(get_preset("tiny"), out, resume=True, progress=False, log=lambda s: None,
                 stop_after=summary["step"] + 1)  # fmt: skip
     assert res.step == summary["step"] + 1
+
+
+class _PoisonedTask(VQATask):
+    """The tiny VQA task with one NaN in the answer head: every loss is NaN."""
+
+    def build_model(self, stage):
+        model = super().build_model(stage)
+        with torch.no_grad():
+            next(model.head.parameters()).view(-1)[0] = float("nan")
+        return model
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_non_finite_step_never_reaches_the_weights(tmp_path, mode):
+    from vlmoe.train.step import NonFiniteError
+
+    cfg = get_preset("tiny")
+    cfg.train.nonfinite, cfg.train.max_skipped = mode, 2
+    with pytest.raises(NonFiniteError) as e:
+        train(cfg, tmp_path / "ck", progress=False, log=lambda s: None, task=_PoisonedTask(cfg))
+    msg = str(e.value)
+    assert ("step 1:" in msg) if mode == "stop" else ("3 steps skipped" in msg), msg
+    assert not (tmp_path / "ck" / "model.safetensors").exists()  # nothing poisoned was saved

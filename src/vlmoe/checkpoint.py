@@ -115,6 +115,15 @@ def _fsync_dir(d: Path) -> None:
             os.fsync(f.fileno())
 
 
+def recover(out: Path) -> None:
+    """Finish a swap that a crash interrupted: with ``out`` gone and ``out.old`` complete,
+    rename ``out.old`` back to ``out``. A run resuming in ``out`` calls this first, so that
+    it never writes into a half-swapped folder."""
+    old = out.with_name(out.name + ".old")
+    if not out.exists() and old.is_dir():
+        os.replace(old, out)
+
+
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """The folder to load: `path`, or `path.old` if a save was interrupted mid-swap."""
     p = Path(path)

@@ -22,8 +22,10 @@ from vlmoe.checkpoint import CheckpointError
 from vlmoe.config import ConfigError
 from vlmoe.data import DataError
 from vlmoe.distributed import DistributedError
+from vlmoe.train.step import NonFiniteError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
+    NonFiniteError,
     DataError,
     CheckpointError,
     ConfigError,

@@ -150,7 +150,10 @@ class TrainConfig:
     eval_batch_size: int = 512  #: batch size for validation and test
     hflip: bool = True  #: random horizontal flips of training images (answers are flip-invariant)
     save_minutes: float = 10.0  #: also checkpoint after this many minutes of training (0 = off)
-    tensorboard: bool = False  #: also write TensorBoard event files to OUT/tensorboard
+    tensorboard: bool = False  #: also write TensorBoard event files to OUT-tensorboard
+    #: a step with a NaN/inf loss or gradient: "stop" the run with an error, or "skip" it
+    nonfinite: str = "stop"
+    max_skipped: int = 100  #: with nonfinite="skip": stop after this many skipped steps
     #: the stages of a staged recipe, run in order (empty = one stage of every parameter)
     stages: tuple[StageConfig, ...] = ()
 
@@ -164,6 +167,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: expected a finite number, got {v!r}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr: expected > 0, got {self.lr}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"train.nonfinite: expected 'stop' or 'skip', got {self.nonfinite!r}")
         if self.epochs <= 0:
             raise ConfigError(f"train.epochs: expected > 0, got {self.epochs}")
         if self.batch_size <= 0:

@@ -22,14 +22,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from vlmoe.checkpoint import commit, fresh_tmp, load_trainer_state, write_run_files
+from vlmoe.checkpoint import commit, fresh_tmp, load_trainer_state, recover, write_run_files
 from vlmoe.config import RunConfig, StageConfig
 from vlmoe.evaluate import EvalResult
+from vlmoe.models.output import ModelOutput
 from vlmoe.moe import keep_freed_memory
 from vlmoe.train.metrics import CollapseMonitor, MetricsLog, RoutingWindow, Window
 from vlmoe.train.optim import build_optimizer, no_decay_names, set_trainable
 from vlmoe.train.parallel import Engine
-from vlmoe.train.step import train_step
+from vlmoe.train.step import NonFiniteError, train_step
 from vlmoe.train.task import Task, VQATask
 
 
@@ -102,6 +103,7 @@ class Trainer:
         self.signals = StopSignals()
         self.metrics: MetricsLog | None = None
         self.last_save = time.time()
+        self.skipped = 0
 
     # ------------------------------------------------------------------ stages
     def start_stage(self, i: int, init: dict[str, torch.Tensor] | None) -> None:
@@ -136,19 +138,37 @@ class Trainer:
         while self.pos.stage_step < total and self.pos.step < stop:
             epoch, start = divmod(self.pos.stage_step, self.per_epoch)
             for batch in self.task.train_batches(t.batch_size, epoch, start, e.rank, e.world_size):
-                out = train_step(
-                    self.model, batch.to(e.device), self.opt, e, t.grad_clip, self.sched
-                )
+                out = self.step(batch)
                 self.pos.stage_step += 1
                 self.pos.step += 1
                 self.bar.update(1)
-                self.window.add(out, len(batch))
-                self.routing.add(out.routing)
+                if out is not None:
+                    self.window.add(out, len(batch))
+                    self.routing.add(out.routing)
                 if self.after_step(total, stop):
                     return False
                 if self.pos.stage_step >= total or self.pos.step >= stop:
                     break
         return self.pos.stage_step >= total
+
+    def step(self, batch: Any) -> ModelOutput | None:
+        """``train_step`` on one batch; a non-finite step is an error naming the step, or
+        (``train.nonfinite = "skip"``) skipped, logged and counted."""
+        t, e = self.cfg.train, self.engine
+        try:
+            out = train_step(self.model, batch.to(e.device), self.opt, e, t.grad_clip, self.sched,
+                             t.nonfinite)  # fmt: skip
+        except NonFiniteError as err:
+            raise NonFiniteError(f"train: step {self.pos.step + 1}: {err} — stopped before "
+                                 "the weights changed (train.nonfinite='skip' skips such steps)") from None  # fmt: skip
+        if out is None:
+            self.skipped += 1
+            self.metrics.write({"step": self.pos.step + 1, "kind": "warning",
+                                "message": f"non-finite loss or gradient: step skipped ({self.skipped} so far)"})  # fmt: skip
+            if self.skipped > t.max_skipped:
+                raise NonFiniteError(f"train: {self.skipped} steps skipped for a non-finite "
+                                     f"loss or gradient (train.max_skipped = {t.max_skipped})")  # fmt: skip
+        return out
 
     def after_step(self, total: int, stop: int) -> bool:
         """Logging, routing checks, validation and saving due after a step; True = stop now."""
@@ -246,6 +266,9 @@ class Trainer:
         schedule, RNG and the metric lines written up to that checkpoint."""
         from vlmoe.checkpoint import load_checkpoint_meta, resolve_checkpoint_dir
 
+        if self.engine.is_main:
+            recover(self.out)
+        self.engine.barrier()
         d = resolve_checkpoint_dir(self.out)
         ts = load_trainer_state(d)
         self.pos = _Position(

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmoe.config import ConfigError
+
 #: modules whose parameters are never decayed: normalisation scales/shifts and lookup tables
 NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
@@ -64,7 +66,7 @@ def set_trainable(model: nn.Module, patterns: Iterable[str]) -> tuple[int, int]:
     """Freeze every parameter whose name matches none of the fnmatch ``patterns``.
 
     Returns (trainable, total) parameter counts. No parameter matching is a config error
-    (raised as ValueError naming the patterns), since a stage that trains nothing is a typo.
+    (raised as ConfigError naming the patterns), since a stage that trains nothing is a typo.
     """
     patterns = tuple(patterns)
     n_train = n_all = 0
@@ -74,7 +76,7 @@ def set_trainable(model: nn.Module, patterns: Iterable[str]) -> tuple[int, int]:
         n_all += p.numel()
         n_train += p.numel() if on else 0
     if n_train == 0:
-        raise ValueError(f"train.stages.trainable: {list(patterns)} match no parameter")
+        raise ConfigError(f"train.stages.trainable: {list(patterns)} match no parameter")
     return n_train, n_all
 
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from vlmoe.config import RunConfig, StageConfig
+from vlmoe.config import ConfigError, RunConfig, StageConfig
 from vlmoe.data import Batch, VQASplit, WordTokenizer, iterate_batches, load_data, num_batches
 from vlmoe.evaluate import EvalResult, evaluate
 from vlmoe.models import build_model
@@ -60,11 +60,11 @@ class Task(Protocol):
 
 def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
     """Copy the entries of ``state`` whose name and shape match a parameter or buffer of
-    ``model``; returns how many did. None matching raises ValueError (a wrong init_from)."""
+    ``model``; returns how many did. None matching raises ConfigError (a wrong init_from)."""
     own = model.state_dict()
     take = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not take:
-        raise ValueError("train.stages.init_from: no weight of that checkpoint fits this model")
+        raise ConfigError("train.stages.init_from: no weight of that checkpoint fits this model")
     model.load_state_dict(take, strict=False)
     return len(take)
 
@@ -94,7 +94,7 @@ class VQATask:
     def batches_per_epoch(self, batch_size: int) -> int:
         n = num_batches(len(self.train_split), batch_size, drop_last=True)
         if n == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size: {batch_size} is larger than the training split "
                 f"({len(self.train_split)} questions)"
             )
