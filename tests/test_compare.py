@@ -13,8 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vlmoe.compare import VARIANTS, compare_base, variant_configs, wide_d_ff
 from vlmoe.config import dense, tiny
-from vlmoe.flops import flops_per_sample
 from vlmoe.data import Batch
+from vlmoe.flops import flops_per_sample
 from vlmoe.models import build_model
 
 

@@ -71,7 +71,8 @@ def _train_config(args: argparse.Namespace) -> Any:
     if args.data is not None:
         cfg.data = args.data
     overrides = {"epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size,
-                 "lr": args.lr, "save_minutes": args.save_minutes}  # fmt: skip
+                 "lr": args.lr, "save_minutes": args.save_minutes,
+                 "save_every": args.save_every}  # fmt: skip
     for name, value in overrides.items():
         if value is not None:
             setattr(cfg.train, name, value)
@@ -246,6 +247,8 @@ def _add_train_parser(sub: Any) -> None:
         help="under torchrun: timeout of every collective, after which a run with a dead or "
         "stuck process fails (default: $VLMOE_DIST_TIMEOUT or 120)",
     )
+    t.add_argument("--save-every", type=int, default=None, metavar="STEPS",
+                   help="also checkpoint every STEPS steps (default: each epoch's end)")  # fmt: skip
     t.add_argument("--save-minutes", type=float, default=None, metavar="MIN",
                    help="also checkpoint every MIN minutes of training (default 10; 0 = off)")  # fmt: skip
     t.add_argument("--tensorboard", action="store_true",

@@ -167,6 +167,11 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: expected a finite number, got {v!r}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr: expected > 0, got {self.lr}")
+        for name in ("save_every", "eval_every", "log_every", "routing_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(
+                    f"train.{name}: expected an integer >= 0, got {getattr(self, name)!r}"
+                )
         if self.nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.nonfinite: expected 'stop' or 'skip', got {self.nonfinite!r}")
         if self.epochs <= 0:
