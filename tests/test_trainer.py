@@ -160,3 +160,18 @@ def test_a_non_finite_step_never_reaches_the_weights(tmp_path, mode):
     msg = str(e.value)
     assert ("step 1:" in msg) if mode == "stop" else ("3 steps skipped" in msg), msg
     assert not (tmp_path / "ck" / "model.safetensors").exists()  # nothing poisoned was saved
+
+
+def test_tensorboard_event_files_follow_the_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = get_preset("tiny")
+    cfg.train.tensorboard = True
+    train(cfg, tmp_path / "ck", progress=False, evaluate_test=False, log=lambda s: None)
+    acc = EventAccumulator(str(tmp_path / "ck-tensorboard"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    lines = [json.loads(x) for x in (tmp_path / "ck" / "metrics.jsonl").read_text().splitlines()]
+    want = [m["loss"] for m in lines if m["kind"] == "train"]
+    assert losses == pytest.approx(want) and len(want) == 5
+    assert "val/accuracy" in acc.Tags()["scalars"]
