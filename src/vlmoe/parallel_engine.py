@@ -43,11 +43,14 @@ collective; ``describe_failure`` turns that into one line ``distributed: ...`` a
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
 import shutil
 import sys
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -261,8 +264,9 @@ class _SafePlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
+            lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln] or [str(e)[:200]]
             raise CheckpointError(
-                f"checkpoint entry {read_item.dest_index.fqn}: refused to unpickle ({e})"
+                f"checkpoint entry {read_item.dest_index.fqn}: refused to unpickle ({lines[0]})"
             ) from None
         fqn = read_item.dest_index.fqn
         if self.flatten_state_dict:
@@ -529,7 +533,8 @@ class Engine:
         state: dict[str, Any] = {"model": msd, "optim": osd}
         if self.is_main and extra_tensors:  # only rank 0 writes them: rank 0's values
             state["extra"] = dict(extra_tensors)
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp))
+        with _quiet_if(not self.active):
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp))
         self.barrier()
         if self.is_main:
             if folder.exists():
@@ -555,16 +560,28 @@ class Engine:
         }
         state: dict[str, Any] = {"model": msd, "optim": osd, "extra": extras}
         try:
-            dcp.load(state, storage_reader=reader, planner=_SafePlanner())
+            with _quiet_if(not self.active):
+                dcp.load(state, storage_reader=reader, planner=_SafePlanner())
         except dcp.api.CheckpointException as e:
             for f in e.failures.values():
+                f = f[0] if isinstance(f, tuple) else f  # DCP's (exception, traceback)
                 if isinstance(f, CheckpointError):
-                    raise f from None
+                    raise CheckpointError(str(f)) from None
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{folder}: cannot load this checkpoint ({first})") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])  # fmt: skip
         return state["extra"]
+
+
+@contextlib.contextmanager
+def _quiet_if(cond: bool) -> Iterator[None]:
+    """Silence DCP's "assuming the intent is to save in a single process" warning: one
+    process without a process group is a supported layout here, not a mistake."""
+    with warnings.catch_warnings():
+        if cond:
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        yield
 
 
 def _all_reduce_flat(ts: list[Tensor], group: dist.ProcessGroup | None) -> None:
