@@ -60,10 +60,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmoe.moe.parallel import ShardedExperts, expert_parallel, gather_experts
-
-ENV_TIMEOUT = "VLMOE_DIST_TIMEOUT"
-DEFAULT_TIMEOUT_S = 120.0
-_LAUNCH_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+from vlmoe.parallel_engine import (  # one copy of the launch and failure helpers
+    _LAUNCH_VARS,
+    DEFAULT_TIMEOUT_S,
+    ENV_TIMEOUT,
+    DistributedError,
+    describe_failure,
+    is_distributed_failure,
+    launched,
+    timeout_from_env,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -77,62 +83,6 @@ __all__ = [
     "launched",
     "timeout_from_env",
 ]
-
-
-class DistributedError(RuntimeError):
-    """The distributed launch is misconfigured or a peer failed; the message says which."""
-
-
-def launched() -> bool:
-    """True when started by a launcher (torchrun) with more than one process."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
-        return False
-
-
-def timeout_from_env(default: float = DEFAULT_TIMEOUT_S) -> float:
-    """Seconds from ``VLMOE_DIST_TIMEOUT`` (default ``default``); a bad value raises."""
-    raw = os.environ.get(ENV_TIMEOUT)
-    if raw is None or raw == "":
-        return default
-    try:
-        v = float(raw)
-    except ValueError:
-        raise DistributedError(f"{ENV_TIMEOUT}={raw!r}: expected a number of seconds") from None
-    if not v > 0:
-        raise DistributedError(f"{ENV_TIMEOUT}={raw!r}: expected a positive number of seconds")
-    return v
-
-
-_FAILURE_MARKERS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket")
-
-
-def is_distributed_failure(e: BaseException) -> bool:
-    """Whether ``e`` is a failed collective (a peer died, hung or timed out) or a launch error.
-
-    Gloo reports a dead peer as a plain ``RuntimeError`` naming gloo and the connection, NCCL
-    and the store as ``torch.distributed.DistError``.
-    """
-    if isinstance(e, (DistributedError, dist.DistError)):
-        return True
-    return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _FAILURE_MARKERS)
-
-
-def describe_failure(e: BaseException) -> str | None:
-    """One line ``distributed: ...`` for a distributed failure (the CLI prints it after
-    ``vlmoe: error:``), or None if ``e`` is not one."""
-    if not is_distributed_failure(e):
-        return None
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    first = lines[0] if lines else type(e).__name__
-    if isinstance(e, DistributedError):
-        return first if first.startswith("distributed:") else f"distributed: {first}"
-    rank = os.environ.get("RANK", "?")
-    return (
-        f"distributed: rank {rank}: a collective failed — another process died, hung or timed "
-        f"out ({type(e).__name__}: {first[:300]})"
-    )
 
 
 def init_from_env(device: str = "cpu", timeout_s: float | None = None) -> Dist:
