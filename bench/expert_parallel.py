@@ -45,12 +45,14 @@ def worker(out: str, steps: int, warmup: int) -> None:
     import torch.distributed as dist
 
     from vlmoe.config import get_preset
-    from vlmoe.distributed import Dist, init_from_env
+    from vlmoe.data import Batch
     from vlmoe.models import build_model
     from vlmoe.moe import MoE, MoEConfig
-    from vlmoe.moe.parallel import ShardedExperts, expert_parallel
+    from vlmoe.moe.parallel import ShardedExperts
+    from vlmoe.train import train_step as real_train_step
+    from vlmoe.train.parallel import Engine
 
-    d = init_from_env("cpu") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else Dist()
+    d = Engine.from_env("cpu")
     W, rank = d.world_size, d.rank
     results = {}
 
@@ -79,13 +81,13 @@ def worker(out: str, steps: int, warmup: int) -> None:
     torch.manual_seed(0)
     T = 4096
     cfg = MoEConfig(d_model=128, d_ff=256, num_experts=8, top_k=2)
-    layer = expert_parallel(MoE(cfg))
+    layer = d.parallelize(MoE(cfg))
     x = torch.randn(T, 128, generator=torch.Generator().manual_seed(1)).chunk(W)[rank]
 
     def layer_step() -> None:
         out = layer(x)
         (out.output.square().mean() + out.aux_loss).backward()
-        d.sync_gradients(layer)
+        d.finish_gradients(layer)
 
     results["layer"] = timed(layer_step, layer)
 
@@ -102,14 +104,10 @@ def worker(out: str, steps: int, warmup: int) -> None:
     ids = torch.randint(1, 64, (64, 12), generator=g).chunk(W)[rank]
     mask = torch.ones(B, 12, dtype=torch.bool)
     labels = torch.randint(0, 13, (64,), generator=g).chunk(W)[rank]
+    batch = Batch(images, ids, mask, labels, torch.arange(B))
 
-    def train_step() -> None:
-        out = model(images, ids, mask, labels)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        d.sync_gradients(model)
-        d.clip_grad_norm_(model, 1.0)
-        opt.step()
+    def train_step() -> None:  # the step vlmoe train runs
+        real_train_step(model, batch, opt, d, 1.0)
 
     results["train step"] = timed(train_step, model)
     if rank == 0:

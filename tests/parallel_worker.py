@@ -23,7 +23,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from vlmoe.distributed import Dist
 from vlmoe.moe import MoE, MoEConfig
 from vlmoe.moe.parallel import ExpertParallelMoE
 
@@ -50,10 +49,23 @@ def mx(t: torch.Tensor) -> float:
     return t.abs().max().item() if t.numel() else 0.0
 
 
+def sync_gradients(ep: ExpertParallelMoE, world: int) -> None:
+    """What the engine does after backward for a bare layer: replicated parameters' gradients
+    averaged over the ranks, the expert shards' divided by W (see vlmoe.moe.parallel)."""
+    experts = {id(p) for p in ep.experts.parameters()}
+    for p in ep.parameters():
+        if p.grad is None:
+            continue
+        if id(p) in experts:
+            p.grad.div_(world)
+        else:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
 def layer(out_dir: str) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
-    d = Dist(rank, world)
     report = {}
     for name, kw in CONFIGS.items():
         # uneven on purpose (variable all-to-all splits); one config with an empty rank
@@ -82,7 +94,7 @@ def layer(out_dir: str) -> None:
         oe = ep(xe, token_mask=mask_T[sl], group_ids=gid_T[sl])
         loss_e = (oe.output * c_TD[sl]).sum() * world / T + oe.aux_loss
         loss_e.backward()
-        d.sync_gradients(ep)
+        sync_gradients(ep, world)
         xe_grad = xe.grad / world  # the input gradient of J = Σ_r L_r is W · dL/dx
         full = ep.to_moe()
         diffs = {
@@ -110,6 +122,7 @@ def layer(out_dir: str) -> None:
         report[name] = diffs
     with open(os.path.join(out_dir, f"layer-{rank}.json"), "w") as f:
         json.dump(report, f)
+    dist.barrier()  # torch 2.13 + gloo: leaving without barrier + destroy can SIGABRT
     dist.destroy_process_group()
 
 
@@ -140,23 +153,23 @@ def fixed_batch(ck, n: int = 8):
 
 def train(out_dir: str, steps: str = "4", resume_dir: str = "") -> None:
     from vlmoe.checkpoint import load_checkpoint
-    from vlmoe.distributed import init_from_env
     from vlmoe.train import train as run
+    from vlmoe.train.parallel import Engine
 
-    d = init_from_env("cpu")
+    e = Engine.from_env("cpu")
     ck_dir = os.path.join(out_dir, "ck")
-    run(tiny_config(int(steps)), ck_dir, progress=False, dist=d)
-    # reload the checkpoint into an expert-parallel model: logits on a fixed batch
+    run(tiny_config(int(steps)), ck_dir, progress=False, engine=e)
+    # reload the checkpoint into an expert-parallel (FSDP2) model: logits on a fixed batch
     ck = load_checkpoint(ck_dir)
-    model = d.parallelize(ck.model)
+    model = e.parallelize(ck.model)
     b = fixed_batch(ck)
     with torch.no_grad():
-        logits = model(b.images, b.input_ids, b.attention_mask).logits
-    if d.is_main:
+        logits = model(b).logits
+    if e.is_main:
         torch.save(logits, os.path.join(out_dir, "logits.pt"))
     if resume_dir:  # continue a checkpoint saved by another number of processes
-        run(tiny_config(int(steps)), resume_dir, progress=False, resume=True, dist=d)
-    d.shutdown()
+        run(tiny_config(int(steps)), resume_dir, progress=False, resume=True, engine=e)
+    e.shutdown()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from vlmoe.checkpoint import CheckpointError
 from vlmoe.config import ConfigError
 from vlmoe.data import DataError
-from vlmoe.distributed import DistributedError
+from vlmoe.train.parallel import DistributedError
 from vlmoe.train.step import NonFiniteError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
@@ -86,9 +86,8 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a VL-MoE model (default: the `default` preset on easy-VQA) and report test accuracy."""
-    from vlmoe.distributed import describe_failure
     from vlmoe.train import train
-    from vlmoe.train.parallel import Engine
+    from vlmoe.train.parallel import Engine, describe_failure
 
     if args.threads is not None:
         if args.threads < 1:

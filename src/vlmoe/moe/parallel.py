@@ -8,7 +8,7 @@ Shape legend:
 
 Layout: rank r of the EP group holds experts ``[r·El, (r+1)·El)``. The router, the shared
 experts and everything outside the MoE layer are replicated (data parallel, see
-``vlmoe.distributed``).
+``vlmoe.train.parallel``).
 
 One forward of ``ExpertParallelMoE`` (GShard / DeepSpeed-MoE / torchtitan dropless EP):
 
@@ -27,7 +27,7 @@ Gradient convention. Every collective here differentiates the *sum over ranks* o
 losses, J = Σ_r L_r. With data-parallel ranks each computing a mean loss on its shard,
 L_global = J / W, so the caller must scale every gradient by 1/W: the replicated parameters
 get that from the usual DP all-reduce-mean, the expert parameters (never all-reduced: each
-exists once) by a plain ``grad /= W`` — ``vlmoe.distributed.sync_gradients`` does both.
+exists once) by a plain ``grad /= W`` — ``Engine.finish_gradients`` in ``vlmoe.train.parallel`` does both.
 
 Auxiliary losses and statistics use *global* batch statistics (Megatron-LM's and torchtitan's
 choice): the token counts, probability sums and log-sum-exps that the balancing losses average
@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from . import losses as L
 from .experts import grouped_ffn, sort_by_expert
@@ -73,6 +74,15 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # process-group helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's part of ``t``: the local shard of a DTensor (differentiable), else ``t``.
+
+    ``vlmoe.train.parallel`` turns expert weights into DTensor parameters (Shard(0) on the
+    expert-parallel mesh) so that checkpoints reshard; the dispatch below works on the shard.
+    """
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -217,9 +227,14 @@ class ShardedExperts(nn.Module):
 
     def _slice_full(self, state_dict, prefix, *args, **kwargs) -> None:
         for name in ("w_in_EDH", "w_out_EFD"):
-            t = state_dict.get(prefix + name)
-            if t is not None and t.shape[0] == self.num_experts != self.num_local:
-                state_dict[prefix + name] = t[self.first : self.first + self.num_local]
+            t, p = state_dict.get(prefix + name), getattr(self, name)
+            if t is None or isinstance(t, DTensor):
+                continue  # a DTensor already says which rows are whose
+            if t.shape[0] == self.num_experts != self.num_local:
+                t = t[self.first : self.first + self.num_local]
+            if isinstance(p, DTensor):  # plain rows into a DTensor parameter
+                t = DTensor.from_local(t.to(p.dtype), p.device_mesh, p.placements, run_check=False)
+            state_dict[prefix + name] = t
 
     def extra_repr(self) -> str:
         return (
@@ -243,8 +258,9 @@ class ShardedExperts(nn.Module):
         order_S, counts_E, _ = sort_by_expert(indices_TK, E)
         tok_S = order_S // K
         x_SD = x_TD.index_select(0, tok_S)
+        w_in_EDH, w_out_EFD = _local(self.w_in_EDH), _local(self.w_out_EFD)
         if W == 1:
-            y_SD = grouped_ffn(x_SD, counts_E, self.w_in_EDH, self.w_out_EFD, self.activation)
+            y_SD = grouped_ffn(x_SD, counts_E, w_in_EDH, w_out_EFD, self.activation)
         else:
             # 3. counts first: rank j learns how many rows of each of its experts come from us
             recv_counts = torch.empty_like(counts_E)
@@ -261,8 +277,8 @@ class ShardedExperts(nn.Module):
             y_RD = grouped_ffn(
                 x_RD.index_select(0, perm_R),
                 recv_WL.sum(0),
-                self.w_in_EDH,
-                self.w_out_EFD,
+                w_in_EDH,
+                w_out_EFD,
                 self.activation,
             )
             y_RD = y_RD.index_select(0, torch.argsort(perm_R))
@@ -305,12 +321,16 @@ class ExpertParallelMoE(MoE):
     the same RNG state and keeps this rank's expert rows; ``ExpertParallelMoE.from_moe(moe)``
     slices an existing layer. ``gather_experts()`` / ``to_moe()`` (collective) give back the
     full weights in the single-process layout.
+
+    ``stats_group`` (default ``group``) is the group whose tokens the auxiliary losses and
+    statistics are taken over: with data parallelism beside expert parallelism (several
+    expert-parallel groups) set it to the whole world, so the losses stay global-batch ones.
     """
 
     def __init__(self, config: MoEConfig, group: dist.ProcessGroup | None = None) -> None:
         super().__init__(config)
         full = self.experts
-        self.group = group
+        self.group = self.stats_group = group
         c = config
         self.experts = ShardedExperts(c.num_experts, c.d_model, c.d_ff, c.activation, group)
         self.experts.load_state_dict(full.state_dict())
@@ -325,7 +345,7 @@ class ExpertParallelMoE(MoE):
         with torch.random.fork_rng(devices=[]):
             ep = cls.__new__(cls)
             MoE.__init__(ep, moe.config)  # cheap at any size that fits in one process
-        ep.group = group
+        ep.group = ep.stats_group = group
         c = moe.config
         ep.experts = ShardedExperts(c.num_experts, c.d_model, c.d_ff, c.activation, group)
         p = moe.experts.w_in_EDH
@@ -345,7 +365,7 @@ class ExpertParallelMoE(MoE):
         full = self.gather_experts()
         with torch.random.fork_rng(devices=[]):
             moe = MoE(self.config)
-        p = self.experts.w_in_EDH
+        p = _local(self.experts.w_in_EDH)
         moe.to(device=p.device, dtype=p.dtype)
         sd = {k: v for k, v in self.state_dict().items() if not k.startswith("experts.")}
         sd.update({f"experts.{k}": v for k, v in full.items()})
@@ -367,7 +387,7 @@ class ExpertParallelMoE(MoE):
         Same definitions as ``vlmoe.moe.losses`` (tested equal at W = 1 and against the
         single-process layer at W = 2); one differentiable all-reduce for all of them.
         """
-        group = self.group
+        group = self.stats_group
 
         def reduce_max(v: int) -> int:
             t = torch.tensor([v], device=d.probs.device)
@@ -395,8 +415,8 @@ class ExpertParallelMoE(MoE):
             lost = tpe_E.new_zeros(())
             denom = (chosen_TK >= 0).sum().float()
         v = torch.cat([tpe_E, torch.stack([ent_sum.float(), lost, denom, tpe_E.new_tensor(T)])])
-        if _world(self.group)[1] > 1:
-            dist.all_reduce(v, group=self.group)
+        if _world(self.stats_group)[1] > 1:
+            dist.all_reduce(v, group=self.stats_group)
         tpe_E, (ent_sum, lost, denom, T_all) = v[:E], v[E:]
         if self.config.router == "expert_choice":
             dropped = lost / denom.clamp_min(1)
@@ -408,10 +428,10 @@ class ExpertParallelMoE(MoE):
 
     def param_counts(self) -> tuple[int, int]:
         """``(total, active_per_token)`` of the whole (unsharded) layer."""
-        total, active = super().param_counts()
-        local = self.experts.w_in_EDH.numel() + self.experts.w_out_EFD.numel()
-        per_expert = local // self.experts.num_local
-        total += (self.config.num_experts - self.experts.num_local) * per_expert
+        total, _ = super().param_counts()  # counts a DTensor expert weight whole, else its rows
+        w = (self.experts.w_in_EDH, self.experts.w_out_EFD)
+        per_expert = sum(_local(p).numel() for p in w) // self.experts.num_local
+        total += self.config.num_experts * per_expert - sum(p.numel() for p in w)
         k = self.config.num_experts if self.config.router == "dense" else self.config.top_k
         shared = sum(p.numel() for p in self.shared.parameters()) if self.shared else 0
         return total, self.router.weight.numel() + shared + k * per_expert
@@ -422,7 +442,11 @@ def gather_experts(experts: ShardedExperts) -> dict[str, Tensor]:
     """All-gather a ``ShardedExperts`` into full ``[E, ...]`` tensors (collective)."""
     out = {}
     for name in ("w_in_EDH", "w_out_EFD"):
-        local = getattr(experts, name).detach().contiguous()
+        w = getattr(experts, name).detach()
+        if isinstance(w, DTensor):
+            out[name] = w.full_tensor()
+            continue
+        local = w.contiguous()
         if experts.ep_size == 1:
             out[name] = local.clone()
             continue
