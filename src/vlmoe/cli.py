@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
+import re
 import sys
+import typing
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,17 @@ from vlmoe.checkpoint import CheckpointError
 from vlmoe.config import ConfigError
 from vlmoe.data import DataError
 from vlmoe.distributed import DistributedError
+from vlmoe.validate import (
+    UsageError,
+    check_checkpoint_out,
+    check_data_spec,
+    check_input_file,
+    check_namespace,
+    check_text,
+    float_arg,
+    int_arg,
+    json_line,
+)
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     DataError,
@@ -32,20 +44,34 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 EXTRA_COMMANDS = {"inspect": "vlmoe.inspect", "compare": "vlmoe.compare"}
 
 
-class UsageError(ValueError):
-    """A command-line value is invalid (e.g. an unavailable device)."""
+#: the most torch threads a command accepts (more only adds contention)
+MAX_THREADS = 1024
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises UsageError (one `vlmoe: error:` line, exit 1)
+    instead of printing usage and exiting 2. Subparsers inherit the class."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        where = self.prog.removeprefix("vlmoe").strip()
+        raise UsageError(f"{where + ': ' if where else ''}{message} (see {self.prog} --help)")
 
 
 def parse_device(name: str) -> str:
     """A --device value → a torch device string; unavailable devices raise UsageError."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    if name == "cpu":
+        return name
+    if not re.fullmatch(r"cuda(:[0-9]{1,4})?", name):
+        raise UsageError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}")
+    if not torch.cuda.is_available():
         raise UsageError(
             f"--device {name}: CUDA is not available on this machine (use --device cpu)"
         )
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise UsageError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}")
+    index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        raise UsageError(f"--device {name}: this machine has {count} CUDA device(s)")
     return name
 
 
@@ -66,10 +92,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlmoe.train import train
 
     cfg = get_preset(args.preset)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads: expected >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     if args.data is not None:
         cfg.data = args.data
     if args.epochs is not None:
@@ -81,13 +103,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.lr is not None:
         cfg.train.lr = args.lr
     cfg.train.__post_init__()  # re-validate overridden fields
-    if cfg.data != "easy-vqa" and not Path(cfg.data).is_file():
-        raise DataError(f"--data {cfg.data}: file not found (expected a .jsonl file or 'easy-vqa')")
+    check_data_spec(cfg.data)
     out = args.out or _fresh_out(f"checkpoints/{cfg.preset}", args.resume)
-    if not args.resume and Path(out, "config.json").exists() and not args.overwrite:
-        raise UsageError(
-            f"--out {out}: a checkpoint is already there; use --resume to continue or --overwrite"
-        )
+    # every argument and path is checked above: from here on the run may write
+    check_checkpoint_out(out, resume=args.resume, overwrite=args.overwrite)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     from vlmoe.distributed import describe_failure, init_from_env
 
     # under torchrun (WORLD_SIZE > 1): join the process group; rank 0 logs, prints and saves
@@ -126,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary["test_accuracy"] = res.test.accuracy
         summary["test_per_kind"] = {k: v["accuracy"] for k, v in res.test.per_kind.items()}
     if args.json:
-        print(json.dumps(summary))
+        print(json_line(summary))
         return 0
     print(f"checkpoint: {res.out_dir}  (step {res.step}/{res.total_steps}, {res.seconds:.0f} s)")
     if res.val is not None:
@@ -162,7 +183,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for w in caught:
         print(f"vlmoe: warning: {w.message}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"data": split.source, **res.to_dict()}))
+        print(json_line({"data": split.source, **res.to_dict()}))
         return 0
     print(f"{split.source}: accuracy {res.accuracy:.4f} on {res.n} questions (loss {res.loss:.4f})")
     for kind, v in res.per_kind.items():
@@ -176,13 +197,16 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from vlmoe.data import load_image
     from vlmoe.evaluate import answer_question
 
+    check_text("question", args.question)
     if not args.question.strip():
         raise UsageError("question: expected a non-empty question, got an empty string")
-    ck = load_checkpoint(args.checkpoint, parse_device(args.device))
+    device = parse_device(args.device)
+    check_input_file(args.image, "--image", "image file")  # before the slower checkpoint
+    ck = load_checkpoint(args.checkpoint, device)
     image = load_image(args.image, ck.config.model.image_size)
     top = answer_question(ck.model, ck.tokenizer, ck.answers, image, args.question, top=3)
     if args.json:
-        print(json.dumps({"answer": top[0][0], "top": [{"answer": a, "prob": p} for a, p in top]}))
+        print(json_line({"answer": top[0][0], "top": [{"answer": a, "prob": p} for a, p in top]}))
         return 0
     print(top[0][0])
     for a, p in top:
@@ -200,9 +224,7 @@ def add_checkpoint_data_arguments(p: argparse.ArgumentParser, split_help: str) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vlmoe", description="Sparse Mixture-of-Experts vision-language models."
-    )
+    p = Parser(prog="vlmoe", description="Sparse Mixture-of-Experts vision-language models.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
@@ -211,11 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--data", default=None, help="'easy-vqa' (default) or a JSONL file")
     t.add_argument("--out", default=None, help="checkpoint folder (default: checkpoints/PRESET)")
-    t.add_argument("--epochs", type=float, default=None, help="override the preset's epochs")
-    t.add_argument("--seed", type=int, default=None, help="override the preset's seed")
-    t.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
+    t.add_argument("--epochs", type=float_arg(0, lo_open=True), help="override the preset's epochs")
+    t.add_argument("--seed", type=int_arg(0, 2**63 - 1), help="override the preset's seed")
+    t.add_argument("--batch-size", type=int_arg(1), help="override the preset's batch size")
     t.add_argument(
-        "--lr", type=float, default=None, help="override the preset's peak learning rate"
+        "--lr", type=float_arg(0, lo_open=True), help="override the preset's peak learning rate"
     )
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
@@ -224,21 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--stop-after",
-        type=int,
+        type=int_arg(1),
         default=None,
         metavar="STEPS",
         help="stop and save after this many steps (resume later with --resume)",
     )
     t.add_argument(
         "--threads",
-        type=int,
+        type=int_arg(1, MAX_THREADS),
         default=None,
         help="torch intra-op threads (default: torch's choice; 1 is faster on a busy machine)",
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument(
         "--dist-timeout",
-        type=float,
+        type=float_arg(0, lo_open=True),
         default=None,
         metavar="SECONDS",
         help="under torchrun: timeout of every collective, after which a run with a dead or "
@@ -275,20 +297,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse `argv` (default: sys.argv[1:]), run the subcommand, return the exit code."""
+    """Parse `argv` (default: sys.argv[1:]), run the subcommand, return the exit code.
+
+    Every user mistake (a bad argument, path, data or checkpoint file) prints one line
+    `vlmoe: error: ...` on stderr and returns 1, before anything is written; `--help` returns 0.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return 2
     try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            raise UsageError(f"expected a command: {_commands(parser)} (see vlmoe --help)")
+        check_namespace(args)
+        if getattr(args, "device", None) is not None:
+            parse_device(args.device)
+        if getattr(args, "data", None) is not None:
+            check_data_spec(args.data)
         return int(args.func(args) or 0)
     except (*USER_ERRORS, UsageError) as e:
-        print(f"vlmoe: error: {e}", file=sys.stderr)
-        return 1
+        return _fail(str(e))
+    except OSError as e:  # the machine, not the code: disk full, read-only, permissions
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(f"{where}{e.strerror or e}")
+    except MemoryError:
+        return _fail("out of memory (try a smaller --batch-size or model)")
     except KeyboardInterrupt:
         print("vlmoe: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(message: str) -> int:
+    print(f"vlmoe: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _commands(parser: argparse.ArgumentParser) -> str:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return ", ".join(sub.choices)
 
 
 if __name__ == "__main__":

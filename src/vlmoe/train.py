@@ -27,6 +27,7 @@ from vlmoe.distributed import Dist
 from vlmoe.evaluate import EvalResult
 from vlmoe.models import VLMoE, build_model
 from vlmoe.models.blocks import RoutingRecord
+from vlmoe.validate import check_batch_fits
 
 
 @dataclass
@@ -168,6 +169,8 @@ def train(
     else:
         train_split, val_split, tokenizer, answers = prepare_data(cfg)
     tc = cfg.train
+    # vlmoe.validate: a clear DataError, not zero steps per epoch (batches are global)
+    check_batch_fits(len(train_split), tc.batch_size, 1, train_split.source)
     mcfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size, num_answers=len(answers))
     cfg = dataclasses.replace(cfg, model=mcfg)
 
@@ -175,10 +178,6 @@ def train(
     model: VLMoE = dist.parallelize(build_model(mcfg).to(device))
     opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.98))
     per_epoch = num_batches(len(train_split), tc.batch_size, drop_last=True)
-    if per_epoch == 0:
-        raise ValueError(
-            f"train.batch_size: {tc.batch_size} is larger than the training split ({len(train_split)} questions)"
-        )
     total = max(1, math.ceil(tc.epochs * per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(tc.warmup_steps, total, tc.min_lr_ratio)

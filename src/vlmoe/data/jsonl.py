@@ -51,6 +51,8 @@ def load_jsonl(path: str | os.PathLike, image_size: int = 64) -> VQASplit:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{where}: invalid JSON (nested too deeply)") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         for key in _FIELDS:
@@ -59,6 +61,7 @@ def load_jsonl(path: str | os.PathLike, image_size: int = 64) -> VQASplit:
             if not isinstance(record[key], str):
                 got = type(record[key]).__name__
                 raise DataError(f"{where}: field {key!r} must be a string, got {got}")
+            _check_unicode(record[key], f"{where}: field {key!r}")
         image, question, answer = (record[k].strip() for k in _FIELDS)
         for key, value in (("image", image), ("question", question), ("answer", answer)):
             if not value:
@@ -89,9 +92,19 @@ def load_jsonl(path: str | os.PathLike, image_size: int = 64) -> VQASplit:
     )
 
 
+def _check_unicode(text: str, where: str) -> None:
+    """JSON escapes can spell lone surrogates ("\\udce9"), which are not text: no tokenizer,
+    terminal or file encoder accepts them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: not valid Unicode text (lone surrogate at {e.start})") from None
+
+
 def _read_text(file: Path) -> str:
     try:
-        return file.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of line 1
+        return file.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"{file}: data file not found") from None
     except IsADirectoryError:
