@@ -18,6 +18,10 @@ from pathlib import Path
 
 import torch
 
+if typing.TYPE_CHECKING:
+    from vlmoe.config import RunConfig
+    from vlmoe.train import TrainResult
+
 from vlmoe.checkpoint import CheckpointError
 from vlmoe.config import ConfigError
 from vlmoe.data import DataError
@@ -86,10 +90,9 @@ def _fresh_out(base: str, resume: bool) -> str:
     return f"{base}-{n}"
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """Train a VL-MoE model (default: the `default` preset on easy-VQA) and report test accuracy."""
+def _train_config(args: argparse.Namespace) -> RunConfig:
+    """The preset with the command line's overrides, validated (ConfigError / DataError)."""
     from vlmoe.config import get_preset
-    from vlmoe.train import train
 
     cfg = get_preset(args.preset)
     if args.data is not None:
@@ -104,6 +107,41 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.train.lr = args.lr
     cfg.train.__post_init__()  # re-validate overridden fields
     check_data_spec(cfg.data)
+    return cfg
+
+
+def _report_training(res: TrainResult, as_json: bool) -> int:
+    """Print what `vlmoe train` produced: one JSON object, or lines for a person."""
+    summary = {
+        "checkpoint": str(res.out_dir),
+        "step": res.step,
+        "total_steps": res.total_steps,
+        "seconds": round(res.seconds, 1),
+    }
+    if res.val is not None:
+        summary["val_accuracy"] = res.val.accuracy
+    if res.test is not None:
+        summary["test_accuracy"] = res.test.accuracy
+        summary["test_per_kind"] = {k: v["accuracy"] for k, v in res.test.per_kind.items()}
+    if as_json:
+        print(json_line(summary))
+        return 0
+    print(f"checkpoint: {res.out_dir}  (step {res.step}/{res.total_steps}, {res.seconds:.0f} s)")
+    if res.val is not None:
+        print(f"validation accuracy: {res.val.accuracy:.4f}")
+    if res.test is not None:
+        kinds = ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in res.test.per_kind.items())
+        print(f"test accuracy: {res.test.accuracy:.4f} on {res.test.n} questions ({kinds})")
+    elif res.step < res.total_steps:
+        print(f"stopped early; continue with: vlmoe train --out {res.out_dir} --resume")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a VL-MoE model (default: the `default` preset on easy-VQA) and report test accuracy."""
+    from vlmoe.train import train
+
+    cfg = _train_config(args)
     out = args.out or _fresh_out(f"checkpoints/{cfg.preset}", args.resume)
     # every argument and path is checked above: from here on the run may write
     check_checkpoint_out(out, resume=args.resume, overwrite=args.overwrite)
@@ -135,29 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     dist.shutdown()
     if not dist.is_main:
         return 0
-    summary = {
-        "checkpoint": str(res.out_dir),
-        "step": res.step,
-        "total_steps": res.total_steps,
-        "seconds": round(res.seconds, 1),
-    }
-    if res.val is not None:
-        summary["val_accuracy"] = res.val.accuracy
-    if res.test is not None:
-        summary["test_accuracy"] = res.test.accuracy
-        summary["test_per_kind"] = {k: v["accuracy"] for k, v in res.test.per_kind.items()}
-    if args.json:
-        print(json_line(summary))
-        return 0
-    print(f"checkpoint: {res.out_dir}  (step {res.step}/{res.total_steps}, {res.seconds:.0f} s)")
-    if res.val is not None:
-        print(f"validation accuracy: {res.val.accuracy:.4f}")
-    if res.test is not None:
-        kinds = ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in res.test.per_kind.items())
-        print(f"test accuracy: {res.test.accuracy:.4f} on {res.test.n} questions ({kinds})")
-    elif res.step < res.total_steps:
-        print(f"stopped early; continue with: vlmoe train --out {res.out_dir} --resume")
-    return 0
+    return _report_training(res, args.json)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -223,11 +239,8 @@ def add_checkpoint_data_arguments(p: argparse.ArgumentParser, split_help: str) -
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help=split_help)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="vlmoe", description="Sparse Mixture-of-Experts vision-language models.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    t = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+def _add_train_arguments(t: argparse.ArgumentParser) -> None:
+    """`vlmoe train`'s options; numbers are range- and NaN-checked as they are parsed."""
     t.add_argument(
         "--preset", default="default", help="named config: tiny, default, dense (default: default)"
     )
@@ -267,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
         "stuck process fails (default: $VLMOE_DIST_TIMEOUT or 120)",
     )
     t.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="vlmoe", description="Sparse Mixture-of-Experts vision-language models.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    _add_train_arguments(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)

@@ -134,7 +134,9 @@ def check_output_dir(path: str | os.PathLike, flag: str, *, beside: bool = False
     if not str(path).strip():
         raise UsageError(f"{flag}: expected a folder path, got an empty string")
     if p.exists() and not p.is_dir():
-        raise UsageError(f"{flag} {p}: exists and is a file, expected a folder (or a new name)")
+        raise UsageError(
+            f"{flag} {p}: exists and is not a folder (a file; give a folder or a new name)"
+        )
     base = _nearest_existing(p.absolute().parent if beside else p.absolute())
     if not base.is_dir():
         raise UsageError(f"{flag} {p}: {base} is a file, so no folder can be created under it")
@@ -183,7 +185,7 @@ def check_data_spec(spec: str, flag: str = "--data") -> None:
     p = Path(spec)
     if not spec.strip() or not p.exists():
         raise DataError(
-            f"{flag} {spec}: not found (expected 'easy-vqa', a .jsonl file or a folder)"
+            f"{flag} {spec}: file not found (expected 'easy-vqa', a .jsonl file or a folder)"
         )
     if p.is_dir():
         if not (p / "train.jsonl").is_file() and not (p / "test.jsonl").is_file():

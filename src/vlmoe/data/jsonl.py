@@ -43,29 +43,12 @@ def load_jsonl(path: str | os.PathLike, image_size: int = 64) -> VQASplit:
     image_paths: list[Path] = []
     image_names: list[str] = []
     first_line: list[int] = []  # line that first named each image row, for error messages
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines would also cut at U+2028, U+0085, … which JSON
+    # allows raw inside a string, turning one valid line into two broken ones
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        where = f"{file}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        except RecursionError:
-            raise DataError(f"{where}: invalid JSON (nested too deeply)") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        for key in _FIELDS:
-            if key not in record:
-                raise DataError(f"{where}: missing field {key!r} (need {', '.join(_FIELDS)})")
-            if not isinstance(record[key], str):
-                got = type(record[key]).__name__
-                raise DataError(f"{where}: field {key!r} must be a string, got {got}")
-            _check_unicode(record[key], f"{where}: field {key!r}")
-        image, question, answer = (record[k].strip() for k in _FIELDS)
-        for key, value in (("image", image), ("question", question), ("answer", answer)):
-            if not value:
-                raise DataError(f"{where}: field {key!r} is empty")
+        image, question, answer = _parse_record(line, f"{file}:{lineno}")
         resolved = resolve(image, base)
         if resolved not in row_of:
             row_of[resolved] = len(image_paths)
@@ -90,6 +73,29 @@ def load_jsonl(path: str | os.PathLike, image_size: int = 64) -> VQASplit:
         source=str(file),
         image_names=image_names,
     )
+
+
+def _parse_record(line: str, where: str) -> tuple[str, str, str]:
+    """One JSONL line → (image, question, answer), stripped and non-empty; else DataError."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: invalid JSON (nested too deeply)") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key in _FIELDS:
+        if key not in record:
+            raise DataError(f"{where}: missing field {key!r} (need {', '.join(_FIELDS)})")
+        if not isinstance(record[key], str):
+            got = type(record[key]).__name__
+            raise DataError(f"{where}: field {key!r} must be a string, got {got}")
+        _check_unicode(record[key], f"{where}: field {key!r}")
+        if not record[key].strip():
+            raise DataError(f"{where}: field {key!r} is empty")
+    image, question, answer = (record[k].strip() for k in _FIELDS)
+    return image, question, answer
 
 
 def _check_unicode(text: str, where: str) -> None:
