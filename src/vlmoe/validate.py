@@ -91,9 +91,11 @@ def check_text(what: str, text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raw = text[e.start].encode("utf-8", "surrogateescape")
+        c = ord(text[e.start])
+        # 0xDC80..0xDCFF is how Python's surrogateescape carries an undecodable byte
+        bad = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"lone surrogate U+{c:04X}"
         raise UsageError(
-            f"{what}: not valid UTF-8 text (byte 0x{raw.hex()} at character {e.start}); "
+            f"{what}: not valid UTF-8 text ({bad} at character {e.start}); "
             "re-type it in a UTF-8 terminal (e.g. LANG=C.UTF-8)"
         ) from None
     return text
