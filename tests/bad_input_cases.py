@@ -100,6 +100,21 @@ def write(name: str, content: bytes | str) -> Setup:
     return f
 
 
+def write_tiff_prefix(name: str, n: int) -> Setup:
+    """The first n bytes of a small TIFF: Pillow warns ("Corrupt EXIF data") and then fails."""
+
+    def f(s: Path) -> None:
+        import io
+
+        from PIL import Image
+
+        b = io.BytesIO()
+        Image.new("RGB", (20, 17), (200, 10, 30)).save(b, "TIFF")
+        (s / name).write_bytes(b.getvalue()[:n])
+
+    return f
+
+
 def jsonl_with(line: str | dict) -> Setup:
     """data.jsonl with one more line (after the good ones)."""
     extra = line if isinstance(line, str) else json.dumps(line)
@@ -236,8 +251,8 @@ CLI_CASES = [
     _c("lr-text", "`--lr fast`", TRAIN + ["--lr", "fast"], "--lr"),
     _c("epochs-zero", "`--epochs 0`", TRAIN + ["--epochs", "0"], "--epochs"),
     _c("epochs-nan", "`--epochs NaN`", TRAIN + ["--epochs", "NaN"], "--epochs"),
-    _c("batch-zero", "`--batch-size 0`", TRAIN + ["--batch-size", "0"], "--batch-size"),
-    _c("batch-float", "`--batch-size 1.5`", TRAIN + ["--batch-size", "1.5"], "--batch-size"),
+    _c("batch-zero", "`--batch-size 0`", TRAIN + ["--batch-size", "0"], "--batch-size: expected an integer"),
+    _c("batch-float", "`--batch-size 1.5`", TRAIN + ["--batch-size", "1.5"], "--batch-size: expected an integer"),
     _c("batch-huge", "`--batch-size 10**30` (more than the data)", TRAIN + ["--batch-size", str(10**30)], "fewer than one batch"),
     _c("seed-negative", "`--seed -1`", TRAIN + ["--seed=-1"], "--seed"),
     _c("seed-huge", "`--seed 2**64`", TRAIN + ["--seed", str(2**64)], "--seed"),
@@ -276,6 +291,7 @@ CLI_CASES = [
     _c("image-text", "`ask --image` is a text file", ask_image("{S}/notes.txt"), "cannot decode"),
     _c("image-empty", "`ask --image` is an empty file", ask_image("{S}/empty.png"), "cannot decode", write("empty.png", b"")),
     _c("image-truncated", "`ask --image` is a truncated PNG", ASK + [Q], "img.png", truncate("img.png")),
+    _c("image-truncated-tiff", "`ask --image` is a TIFF cut after 8 bytes (Pillow warns first)", ask_image("{S}/cut.tif"), "cut.tif", write_tiff_prefix("cut.tif", 8)),
     _c("image-huge", "`ask --image` claims 30000×30000 pixels", ask_image("{S}/bomb.png"), "bomb.png", write("bomb.png", png_claiming(30000, 30000))),
     _c("image-unreadable", "`ask --image` without read permission", ASK + [Q], "permission denied", chmod("img.png", 0), root_skips=True),
     _c("checkpoint-missing", "`eval --checkpoint` names nothing", ["eval", "--checkpoint", "{S}/none"], "not found"),
@@ -352,34 +368,48 @@ CHECKPOINT_CASES = [
 CASES = CLI_CASES + JSONL_CASES + CHECKPOINT_CASES
 
 
-def _markdown() -> str:  # pragma: no cover - the docs generator
+def _markdown(only_root_skips: bool = False) -> str:  # pragma: no cover - the docs generator
     import contextlib
     import io
+    import shlex
     import tempfile
 
     from easy_vqa import get_test_image_paths
 
     from vlmoe.cli import main
 
-    rows = ["| # | mistake | command | the one line on stderr (exit 1) |", "|---|---|---|---|"]
+    rows = ["| # | mistake | command (S = the sandbox folder) | the one line on stderr (exit 1) |"]
+    rows.append("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         ck = Path(tmp, "tiny")
-        assert main(["train", "--preset", "tiny", "--out", str(ck), "--no-progress", "--json"]) == 0
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            assert main(["train", "--preset", "tiny", "--out", str(ck), "--no-progress"]) == 0
         for i, case in enumerate(CASES, 1):
+            if only_root_skips and not case.root_skips:
+                continue
             s = make_sandbox(Path(tmp, case.id), ck, get_test_image_paths()[0])
             if case.setup:
                 case.setup(s)
             err = io.StringIO()
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
                 rc = main(case.args(s))
-            line = err.getvalue().strip().replace(str(s), "S").replace("|", "\\|")
-            cmd = " ".join(["vlmoe", *case.argv[:1]]).replace("{S}", "S")
-            rows.append(f"| {i} | {case.what} | `{cmd}` | `{line}` (rc {rc}) |")
-            os.chmod(s, 0o755)
-            for p in s.rglob("*"):
-                os.chmod(p, 0o755 if p.is_dir() else 0o644)
+            line = err.getvalue().strip().replace(str(s), "S")
+            if case.root_skips and os.geteuid() == 0:
+                line, rc = "(run as root, which may read and write anything: see below)", "-"
+            cmd = shlex.join(["vlmoe", *case.argv]).replace("{S}", "S")
+            cells = [
+                str(i),
+                case.what,
+                f"`{cmd}`",
+                f"`{line}`" + ("" if rc == 1 else f" (rc {rc})"),
+            ]
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+            for p in [s, *s.rglob("*")]:
+                os.chmod(p, 0o755)
     return "\n".join(rows)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    print(_markdown())
+    import sys
+
+    print(_markdown(only_root_skips="--permissions" in sys.argv))

@@ -106,6 +106,14 @@ def test_subprocess_lr_nan_and_out_file(sandbox):
     assert tree_hash(sandbox) == before
 
 
+def test_subprocess_broken_tiff_gives_the_error_line_without_pillow_warnings(sandbox):
+    from bad_input_cases import write_tiff_prefix
+
+    write_tiff_prefix("cut.tif", 8)(sandbox)  # Pillow warns "Corrupt EXIF data", then fails
+    p = _run("ask", "--checkpoint", "ck", "--image", "cut.tif", "what shape?", cwd=sandbox)
+    assert_one_error(p.returncode, p.stdout.decode(), p.stderr.decode(), "cut.tif")
+
+
 def test_json_output_is_strict():
     from vlmoe.validate import UsageError, json_line
 

@@ -323,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Every user mistake (a bad argument, path, data or checkpoint file) prints one line
     `vlmoe: error: ...` on stderr and returns 1, before anything is written; `--help` returns 0.
     """
+    # Pillow warns (UserWarning, DecompressionBombWarning) on the way to most decode errors
+    # of a broken file; the error line that follows names the file, a warning would be noise.
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
