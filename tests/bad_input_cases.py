@@ -297,6 +297,8 @@ CLI_CASES = [
     _c("checkpoint-missing", "`eval --checkpoint` names nothing", ["eval", "--checkpoint", "{S}/none"], "not found"),
     _c("checkpoint-is-file", "`eval --checkpoint` is a file", ["eval", "--checkpoint", "{S}/notes.txt"], "it is a file"),
     _c("checkpoint-not-a-checkpoint", "`eval --checkpoint` a folder without a checkpoint", ["eval", "--checkpoint", "{S}/docs"], "missing"),
+    _c("inspect-broken-data", "`inspect --data` a broken JSONL (no empty report folder is left)", ["inspect", "--checkpoint", "{S}/ck", "--data", "{S}/bad.jsonl"], "bad.jsonl:1", write("bad.jsonl", "{oops\n")),
+    _c("data-folder-too-small", "`--data` a folder whose train.jsonl has 3 questions", TRAIN[:3] + ["--data", "{S}/split", "--out", "{S}/run"], "fewer than one batch", seq(write("split/train.jsonl", "".join(json.dumps({**r, "image": "../img.png"}) + "\n" for r in GOOD_LINES)))),
     _c("inspect-samples-negative", "`inspect --samples -1`", ["inspect", "--checkpoint", "{S}/ck", "--samples=-1"], "--samples"),
     _c("inspect-batch-zero", "`inspect --batch-size 0`", ["inspect", "--checkpoint", "{S}/ck", "--batch-size", "0"], "--batch-size"),
     _c("inspect-out-file", "`inspect --out` is a file", ["inspect", "--checkpoint", "{S}/ck", "--out", "{S}/notes.txt"], "not a folder"),

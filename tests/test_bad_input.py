@@ -114,6 +114,12 @@ def test_subprocess_broken_tiff_gives_the_error_line_without_pillow_warnings(san
     assert_one_error(p.returncode, p.stdout.decode(), p.stderr.decode(), "cut.tif")
 
 
+def test_metrics_jsonl_that_is_not_utf8_does_not_block_loading(sandbox, capsys):
+    (sandbox / "ck" / "metrics.jsonl").write_bytes(b'{"step": 1}\n\xff\xfe torn\n')
+    rc, out, err = run_cli(capsys, "eval", "--checkpoint", str(sandbox / "ck"), "--data", "data.jsonl", "--json")  # fmt: skip
+    assert rc == 0 and json.loads(out)["n"] == 3, err
+
+
 def test_json_output_is_strict():
     from vlmoe.validate import UsageError, json_line
 
