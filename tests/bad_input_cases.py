@@ -280,6 +280,7 @@ CLI_CASES = [
     _c("out-no-permission", "`--out` in a folder without write permission (chmod 555)", TRAIN[:-3] + ["--out", "{S}/locked/run"], "permission denied", seq(write("locked/x", "x"), chmod("locked", 0o555)), root_skips=True),
     _c("resume-nothing", "`--resume` with no checkpoint in `--out`", TRAIN + ["--resume"], "not found"),
     _c("data-missing", "`--data` names no file", TRAIN[:3] + ["--data", "{S}/nope.jsonl"], "file not found"),
+    _c("data-device", "`--data /dev/null` (not a regular file)", TRAIN[:3] + ["--data", "/dev/null"], "special file"),
     _c("data-empty-name", "`--data ''`", TRAIN[:3] + ["--data", ""], "--data"),
     _c("data-folder-without-splits", "`--data` a folder without train.jsonl", TRAIN[:3] + ["--data", "{S}/docs"], "train.jsonl"),
     _c("data-unreadable", "`--data` file without read permission (chmod 000)", TRAIN, "permission denied", chmod("data.jsonl", 0), root_skips=True),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import types
@@ -193,6 +194,10 @@ def check_data_spec(spec: str, flag: str = "--data") -> None:
         if not (p / "train.jsonl").is_file() and not (p / "test.jsonl").is_file():
             raise DataError(f"{flag} {spec}: the folder holds no train.jsonl or test.jsonl")
         return
+    if not p.is_file():
+        raise DataError(
+            f"{flag} {spec}: expected a .jsonl file, got a special file (device or pipe)"
+        )
     if not os.access(p, os.R_OK):
         raise DataError(f"{flag} {spec}: data file not readable (permission denied)")
 
@@ -217,7 +222,7 @@ def check_fields(obj: Any, prefix: str, error: type[Exception] = ValueError) -> 
     float (finite; an int is accepted), bool, str (valid UTF-8), tuple[int, ...] (a list is
     accepted), `X | None`. Nested dataclass fields are skipped (their own check runs).
     Raises `error("PREFIX.FIELD: expected ..., got ...")`."""
-    hints = typing.get_type_hints(type(obj))
+    hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         v, hint = getattr(obj, f.name), hints[f.name]
         if dataclasses.is_dataclass(v) or f.name.startswith("_"):
@@ -225,6 +230,11 @@ def check_fields(obj: Any, prefix: str, error: type[Exception] = ValueError) -> 
         want = _matches(v, hint)
         if want is not None:
             raise error(f"{prefix}.{f.name}: expected {want}, got {_show(v)}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # evaluates the string annotations once per class
 
 
 def _show(v: Any) -> str:
