@@ -27,7 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from vlmoe.config import ConfigError, RunConfig
 from vlmoe.data import DataError, WordTokenizer
+from vlmoe.data.errors import one_line
 from vlmoe.models import VLMoE, build_model
+from vlmoe.validate import check_finite_state, estimate_params
 
 FORMAT = "vlmoe-checkpoint/2"  # /2: one DenseFFN layout, trainer state without pickle
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
@@ -178,26 +180,30 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a VQA checkpoint folder; any missing or corrupt file raises CheckpointError
-    naming it."""
+    """Load a checkpoint folder; any missing or corrupt file raises CheckpointError naming it.
+
+    Checked before the model is used: config.json (every field's type and range), the answer
+    list (distinct non-empty strings, one per output of the head), the tokenizer (its vocabulary
+    is the model's), and the weights (the shapes config.json describes, finite values)."""
     d = resolve_checkpoint_dir(path)
     for name in REQUIRED:
         if not (d / name).is_file():
             raise CheckpointError(
                 f"{d / name}: missing (expected a vlmoe checkpoint with {', '.join(REQUIRED)})"
             )
-    meta, metrics = load_checkpoint_meta(d)
-    try:
-        config = RunConfig.from_dict(meta["run"])
-        answers = [str(a) for a in meta["answers"]]
-    except (KeyError, TypeError, ConfigError) as e:
-        raise CheckpointError(f"{d / 'config.json'}: invalid content ({e})") from None
+    config, answers = _read_config(d / "config.json")
     try:
         tokenizer = WordTokenizer.load(d / "tokenizer.json")
     except DataError as e:
         raise CheckpointError(str(e)) from None
-    state = read_weights(d)
-    model = build_model(config.model)
+    m = config.model
+    if tokenizer.vocab_size != m.vocab_size:
+        raise CheckpointError(
+            f"{d / 'tokenizer.json'}: {tokenizer.vocab_size} words, but config.json says "
+            f"model.vocab_size={m.vocab_size}"
+        )
+    state = _read_weights(d / "model.safetensors", config)
+    model = build_model(m)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -206,7 +212,86 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             f"{d / 'model.safetensors'}: weights do not match config.json ({first})"
         ) from None
     model.to(device).eval()
-    return Checkpoint(d, config, model, tokenizer, answers, metrics)
+    return Checkpoint(d, config, model, tokenizer, answers, _read_metrics(d / "metrics.jsonl"))
+
+
+def _read_config(f: Path) -> tuple[RunConfig, list[str]]:
+    """config.json → (RunConfig, answers); anything malformed → CheckpointError naming it."""
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({one_line(e)[:200]})") from None
+    except OSError as e:
+        raise CheckpointError(f"{f}: cannot read ({e.strerror})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{f}: expected format {FORMAT!r}, got {one_line(repr(got))[:80]}")
+    if "run" not in meta or "answers" not in meta:
+        raise CheckpointError(f"{f}: missing field {'run' if 'run' not in meta else 'answers'!r}")
+    try:
+        config = RunConfig.from_dict(meta["run"])
+    except ConfigError as e:
+        raise CheckpointError(f"{f}: invalid content ({e})") from None
+    answers = meta["answers"]
+    n = config.model.num_answers
+    if not isinstance(answers, list) or not all(
+        isinstance(a, str) and a.strip() and _utf8(a) for a in answers
+    ):
+        raise CheckpointError(f"{f}: answers: expected a list of non-empty strings")
+    if len(set(answers)) != len(answers) or len(answers) != n:
+        raise CheckpointError(
+            f"{f}: answers: expected {n} distinct strings (model.num_answers), got "
+            f"{len(answers)} with {len(set(answers))} distinct"
+        )
+    return config, answers
+
+
+def _utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _read_weights(f: Path, config: RunConfig) -> dict[str, torch.Tensor]:
+    """model.safetensors → state dict, refused if unreadable, far smaller than the model
+    config.json describes (which would allocate that model first), or not finite."""
+    try:
+        state = load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: cannot read weights ({one_line(e)[:200]})") from None
+    held = sum(t.numel() for t in state.values())
+    want = estimate_params(config.model)
+    if want > 4 * held + 1_000_000:
+        raise CheckpointError(
+            f"{f}: holds {held:,} weights, but config.json describes a model of about "
+            f"{want:,}; the two do not belong together"
+        )
+    try:
+        check_finite_state(state, f)
+    except DataError as e:
+        raise CheckpointError(str(e)) from None
+    return state
+
+
+def _read_metrics(f: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl is informational: unreadable bytes or a torn line never block loading."""
+    metrics: list[dict[str, Any]] = []
+    if not f.is_file():
+        return metrics
+    try:
+        text = f.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return metrics
+    for line in text.splitlines():
+        try:
+            m = json.loads(line) if line.strip() else None
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(m, dict):
+            metrics.append(m)
+    return metrics
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:

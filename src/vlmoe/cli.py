@@ -8,21 +8,36 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
+import re
 import sys
+import typing
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
+
+if typing.TYPE_CHECKING:
+    from vlmoe.config import RunConfig
+    from vlmoe.train import TrainResult
 
 from vlmoe.checkpoint import CheckpointError
 from vlmoe.config import ConfigError
 from vlmoe.data import DataError
 from vlmoe.train.parallel import DistributedError
 from vlmoe.train.step import NonFiniteError
+from vlmoe.validate import (
+    UsageError,
+    check_checkpoint_out,
+    check_data_spec,
+    check_input_file,
+    check_namespace,
+    check_text,
+    float_arg,
+    int_arg,
+    json_line,
+)
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     NonFiniteError,
@@ -35,20 +50,34 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 EXTRA_COMMANDS = {"inspect": "vlmoe.inspect", "compare": "vlmoe.compare"}
 
 
-class UsageError(ValueError):
-    """A command-line value is invalid (e.g. an unavailable device)."""
+#: the most torch threads a command accepts (more only adds contention)
+MAX_THREADS = 1024
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises UsageError (one `vlmoe: error:` line, exit 1)
+    instead of printing usage and exiting 2. Subparsers inherit the class."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        where = self.prog.removeprefix("vlmoe").strip()
+        raise UsageError(f"{where + ': ' if where else ''}{message} (see {self.prog} --help)")
 
 
 def parse_device(name: str) -> str:
     """A --device value → a torch device string; unavailable devices raise UsageError."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    if name == "cpu":
+        return name
+    if not re.fullmatch(r"cuda(:[0-9]{1,4})?", name):
+        raise UsageError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}")
+    if not torch.cuda.is_available():
         raise UsageError(
             f"--device {name}: CUDA is not available on this machine (use --device cpu)"
         )
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise UsageError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}")
+    index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        raise UsageError(f"--device {name}: this machine has {count} CUDA device(s)")
     return name
 
 
@@ -63,42 +92,74 @@ def _fresh_out(base: str, resume: bool) -> str:
     return f"{base}-{n}"
 
 
-def _train_config(args: argparse.Namespace) -> Any:
-    """The preset named by --preset with the command line's overrides, validated."""
-    from vlmoe.config import TrainConfig, get_preset
+def _train_config(args: argparse.Namespace) -> RunConfig:
+    """The preset with the command line's overrides, validated (ConfigError / DataError)."""
+    from vlmoe.config import get_preset
 
     cfg = get_preset(args.preset)
     if args.data is not None:
         cfg.data = args.data
-    overrides = {"epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size,
-                 "lr": args.lr, "save_minutes": args.save_minutes,
-                 "save_every": args.save_every}  # fmt: skip
-    for name, value in overrides.items():
-        if value is not None:
-            setattr(cfg.train, name, value)
+    if args.epochs is not None:
+        cfg.train.epochs = args.epochs
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    if args.batch_size is not None:
+        cfg.train.batch_size = args.batch_size
+    if args.lr is not None:
+        cfg.train.lr = args.lr
+    if args.save_every is not None:
+        cfg.train.save_every = args.save_every
+    if args.save_minutes is not None:
+        cfg.train.save_minutes = args.save_minutes
     if args.tensorboard:
         cfg.train.tensorboard = True
-    TrainConfig.__post_init__(cfg.train)  # re-validate overridden fields
-    if cfg.data != "easy-vqa" and not Path(cfg.data).is_file():
-        raise DataError(f"--data {cfg.data}: file not found (expected a .jsonl file or 'easy-vqa')")
+    cfg.train.__post_init__()  # re-validate overridden fields
+    check_data_spec(cfg.data)
     return cfg
+
+
+def _report_training(res: TrainResult, as_json: bool) -> int:
+    """Print what `vlmoe train` produced: one JSON object, or lines for a person."""
+    summary = {
+        "checkpoint": str(res.out_dir),
+        "step": res.step,
+        "total_steps": res.total_steps,
+        "seconds": round(res.seconds, 1),
+    }
+    if res.stopped_by:
+        summary["stopped_by"] = res.stopped_by
+    if res.val is not None:
+        summary["val_accuracy"] = res.val.accuracy
+    if res.test is not None:
+        summary["test_accuracy"] = res.test.accuracy
+        summary["test_per_kind"] = {k: v["accuracy"] for k, v in res.test.per_kind.items()}
+    if as_json:
+        print(json_line(summary))
+        return 0
+    print(f"checkpoint: {res.out_dir}  (step {res.step}/{res.total_steps}, {res.seconds:.0f} s)")
+    if res.val is not None:
+        print(f"validation accuracy: {res.val.accuracy:.4f}")
+    if res.test is not None:
+        kinds = ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in res.test.per_kind.items())
+        print(f"test accuracy: {res.test.accuracy:.4f} on {res.test.n} questions ({kinds})")
+    elif res.step < res.total_steps:
+        why = f"stopped by {res.stopped_by}" if res.stopped_by else "stopped early"
+        print(f"{why}; checkpoint saved; continue with: vlmoe train --out {res.out_dir} --resume")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a VL-MoE model (default: the `default` preset on easy-VQA) and report test accuracy."""
     from vlmoe.train import train
-    from vlmoe.train.parallel import Engine, describe_failure
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads: expected >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     cfg = _train_config(args)
     out = args.out or _fresh_out(f"checkpoints/{cfg.preset}", args.resume)
-    if not args.resume and Path(out, "config.json").exists() and not args.overwrite:
-        raise UsageError(
-            f"--out {out}: a checkpoint is already there; use --resume to continue or --overwrite"
-        )
+    # every argument and path is checked above: from here on the run may write
+    check_checkpoint_out(out, resume=args.resume, overwrite=args.overwrite)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    from vlmoe.train.parallel import Engine, describe_failure
+
     # under torchrun (WORLD_SIZE > 1): join the process group; rank 0 logs, prints and saves
     engine = Engine.from_env(parse_device(args.device), args.dist_timeout)
     try:
@@ -114,35 +175,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         engine.shutdown()
         raise
     engine.shutdown()
-    if engine.is_main:
-        _print_train_result(res, args.json)
-    if res.stopped_by:
+    rc = _report_training(res, args.json) if engine.is_main else 0
+    if res.stopped_by:  # the shell's convention for a run ended by a signal
         return 130 if res.stopped_by == "SIGINT" else 143
-    return 0
-
-
-def _print_train_result(res: Any, as_json: bool) -> None:
-    summary: dict[str, Any] = {"checkpoint": str(res.out_dir), "step": res.step,
-                               "total_steps": res.total_steps, "seconds": round(res.seconds, 1)}  # fmt: skip
-    if res.stopped_by:
-        summary["stopped_by"] = res.stopped_by
-    if res.val is not None:
-        summary["val_accuracy"] = res.val.accuracy
-    if res.test is not None:
-        summary["test_accuracy"] = res.test.accuracy
-        summary["test_per_kind"] = {k: v["accuracy"] for k, v in res.test.per_kind.items()}
-    if as_json:
-        print(json.dumps(summary))
-        return
-    print(f"checkpoint: {res.out_dir}  (step {res.step}/{res.total_steps}, {res.seconds:.0f} s)")
-    if res.val is not None:
-        print(f"validation accuracy: {res.val.accuracy:.4f}")
-    if res.test is not None:
-        kinds = ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in res.test.per_kind.items())
-        print(f"test accuracy: {res.test.accuracy:.4f} on {res.test.n} questions ({kinds})")
-    elif res.step < res.total_steps:
-        why = f"stopped by {res.stopped_by}" if res.stopped_by else "stopped early"
-        print(f"{why}; checkpoint saved; continue with: vlmoe train --out {res.out_dir} --resume")
+    return rc
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -168,7 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for w in caught:
         print(f"vlmoe: warning: {w.message}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"data": split.source, **res.to_dict()}))
+        print(json_line({"data": split.source, **res.to_dict()}))
         return 0
     print(f"{split.source}: accuracy {res.accuracy:.4f} on {res.n} questions (loss {res.loss:.4f})")
     for kind, v in res.per_kind.items():
@@ -182,13 +218,16 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from vlmoe.data import load_image
     from vlmoe.evaluate import answer_question
 
+    check_text("question", args.question)
     if not args.question.strip():
         raise UsageError("question: expected a non-empty question, got an empty string")
-    ck = load_checkpoint(args.checkpoint, parse_device(args.device))
+    device = parse_device(args.device)
+    check_input_file(args.image, "--image", "image file")  # before the slower checkpoint
+    ck = load_checkpoint(args.checkpoint, device)
     image = load_image(args.image, ck.config.model.image_size)
     top = answer_question(ck.model, ck.tokenizer, ck.answers, image, args.question, top=3)
     if args.json:
-        print(json.dumps({"answer": top[0][0], "top": [{"answer": a, "prob": p} for a, p in top]}))
+        print(json_line({"answer": top[0][0], "top": [{"answer": a, "prob": p} for a, p in top]}))
         return 0
     print(top[0][0])
     for a, p in top:
@@ -205,19 +244,18 @@ def add_checkpoint_data_arguments(p: argparse.ArgumentParser, split_help: str) -
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help=split_help)
 
 
-def _add_train_parser(sub: Any) -> None:
-    """The `vlmoe train` subcommand and its options."""
-    t = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+def _add_train_arguments(t: argparse.ArgumentParser) -> None:
+    """`vlmoe train`'s options; numbers are range- and NaN-checked as they are parsed."""
     t.add_argument(
         "--preset", default="default", help="named config: tiny, default, dense (default: default)"
     )
     t.add_argument("--data", default=None, help="'easy-vqa' (default) or a JSONL file")
     t.add_argument("--out", default=None, help="checkpoint folder (default: checkpoints/PRESET)")
-    t.add_argument("--epochs", type=float, default=None, help="override the preset's epochs")
-    t.add_argument("--seed", type=int, default=None, help="override the preset's seed")
-    t.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
+    t.add_argument("--epochs", type=float_arg(0, lo_open=True), help="override the preset's epochs")
+    t.add_argument("--seed", type=int_arg(0, 2**63 - 1), help="override the preset's seed")
+    t.add_argument("--batch-size", type=int_arg(1), help="override the preset's batch size")
     t.add_argument(
-        "--lr", type=float, default=None, help="override the preset's peak learning rate"
+        "--lr", type=float_arg(0, lo_open=True), help="override the preset's peak learning rate"
     )
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
@@ -226,43 +264,42 @@ def _add_train_parser(sub: Any) -> None:
     )
     t.add_argument(
         "--stop-after",
-        type=int,
+        type=int_arg(1),
         default=None,
         metavar="STEPS",
         help="stop and save after this many steps (resume later with --resume)",
     )
     t.add_argument(
         "--threads",
-        type=int,
+        type=int_arg(1, MAX_THREADS),
         default=None,
         help="torch intra-op threads (default: torch's choice; 1 is faster on a busy machine)",
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument(
         "--dist-timeout",
-        type=float,
+        type=float_arg(0, lo_open=True),
         default=None,
         metavar="SECONDS",
         help="under torchrun: timeout of every collective, after which a run with a dead or "
         "stuck process fails (default: $VLMOE_DIST_TIMEOUT or 120)",
     )
-    t.add_argument("--save-every", type=int, default=None, metavar="STEPS",
+    t.add_argument("--save-every", type=int_arg(0), default=None, metavar="STEPS",
                    help="also checkpoint every STEPS steps (default: each epoch's end)")  # fmt: skip
-    t.add_argument("--save-minutes", type=float, default=None, metavar="MIN",
+    t.add_argument("--save-minutes", type=float_arg(0), default=None, metavar="MIN",
                    help="also checkpoint every MIN minutes of training (default 10; 0 = off)")  # fmt: skip
     t.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files to OUT-tensorboard")  # fmt: skip
     t.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    t.set_defaults(func=cmd_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vlmoe", description="Sparse Mixture-of-Experts vision-language models."
-    )
+    p = Parser(prog="vlmoe", description="Sparse Mixture-of-Experts vision-language models.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    _add_train_parser(sub)
+    t = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    _add_train_arguments(t)
+    t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
     add_checkpoint_data_arguments(e, "easy-VQA split (default: test)")
@@ -292,20 +329,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse `argv` (default: sys.argv[1:]), run the subcommand, return the exit code."""
+    """Parse `argv` (default: sys.argv[1:]), run the subcommand, return the exit code.
+
+    Every user mistake (a bad argument, path, data or checkpoint file) prints one line
+    `vlmoe: error: ...` on stderr and returns 1, before anything is written; `--help` returns 0.
+    """
+    # Pillow warns (UserWarning, DecompressionBombWarning) on the way to most decode errors
+    # of a broken file; the error line that follows names the file, a warning would be noise.
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return 2
     try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            raise UsageError(f"expected a command: {_commands(parser)} (see vlmoe --help)")
+        check_namespace(args)
+        if getattr(args, "device", None) is not None:
+            parse_device(args.device)
+        if getattr(args, "data", None) is not None:
+            check_data_spec(args.data)
         return int(args.func(args) or 0)
     except (*USER_ERRORS, UsageError) as e:
-        print(f"vlmoe: error: {e}", file=sys.stderr)
-        return 1
+        return _fail(str(e))
+    except OSError as e:  # the machine, not the code: disk full, read-only, permissions
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(f"{where}{e.strerror or e}")
+    except MemoryError:
+        return _fail("out of memory (try a smaller --batch-size or model)")
     except KeyboardInterrupt:
         print("vlmoe: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(message: str) -> int:
+    print(f"vlmoe: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _commands(parser: argparse.ArgumentParser) -> str:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return ", ".join(sub.choices)
 
 
 if __name__ == "__main__":

@@ -462,14 +462,19 @@ def apply_moe_options(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from vlmoe.cli import MAX_THREADS
+    from vlmoe.validate import float_arg, int_arg
+
     p.add_argument("--data", default="easy-vqa", help="'easy-vqa' (default) or a JSONL file")
     p.add_argument(
         "--steps",
-        type=int,
+        type=int_arg(1),
         default=None,
         help=f"training steps per run (default {DEFAULT_STEPS}; {QUICK_STEPS} with --quick)",
     )
-    p.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
+    p.add_argument(
+        "--seeds", type=int_arg(1, 1000), default=3, help="seeds per variant (default 3)"
+    )
     p.add_argument("--out", default="compare", help="output folder (default: ./compare)")
     p.add_argument(
         "--quick", action="store_true", help="the tiny preset, a few steps: the pipeline in < 1 min"
@@ -482,20 +487,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"which variants (default: all of {' '.join(VARIANTS)})",
     )
     p.add_argument(
-        "--threads", type=int, default=1, help="torch intra-op threads per run (default 1)"
+        "--threads",
+        type=int_arg(1, MAX_THREADS),
+        default=1,
+        help="torch intra-op threads per run (default 1)",
     )
     g = p.add_argument_group("MoE settings (applied to every MoE variant; dense-wide follows)")
-    g.add_argument("--num-experts", type=int, default=None, help="experts per MoE FFN")
-    g.add_argument("--top-k", type=int, default=None, help="experts per token (d_ff // k each)")
+    g.add_argument(
+        "--num-experts", type=int_arg(1, 65536), default=None, help="experts per MoE FFN"
+    )
+    g.add_argument(
+        "--top-k", type=int_arg(1, 65536), default=None, help="experts per token (d_ff // k each)"
+    )
     g.add_argument(
         "--moe-layers",
         default=None,
         metavar="I,J|all",
         help="blocks whose FFNs are MoE: comma-separated indices or 'all'",
     )
-    g.add_argument("--load-balance-weight", type=float, default=None, help="Switch balance loss")
     g.add_argument(
-        "--capacity-factor", type=float, default=None, help="expert capacity (default: dropless)"
+        "--load-balance-weight", type=float_arg(0), default=None, help="Switch balance loss"
+    )
+    g.add_argument(
+        "--capacity-factor",
+        type=float_arg(0, lo_open=True),
+        default=None,
+        help="expert capacity (default: dropless)",
     )
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmoe.moe import MoEConfig
+from vlmoe.validate import check_fields, check_range
 
 
 class ConfigError(ValueError):
@@ -58,13 +59,21 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
-            self.moe = MoEConfig(**self.moe)
-        self.moe_layers = tuple(int(i) for i in self.moe_layers)
-        for name in ("image_size", "patch_size", "d_model", "n_layers", "n_heads", "d_ff"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(
-                    f"model.{name}: expected a positive integer, got {getattr(self, name)}"
-                )
+            try:
+                self.moe = MoEConfig(**self.moe)
+            except (TypeError, ValueError) as e:  # unknown key or a value MoEConfig refuses
+                raise ConfigError(f"model.moe: {e}") from None
+        check_fields(self, "model", ConfigError)
+        check_fields(self.moe, "model.moe", ConfigError)
+        self.moe_layers = tuple(self.moe_layers)
+        # Caps keep a hand-edited config.json from asking for absurd memory: every image is
+        # held in memory at image_size² × 3 bytes, and the stem doubles width per octave.
+        for name, lo, hi in _MODEL_RANGES:
+            check_range(f"model.{name}", getattr(self, name), lo, hi, ConfigError)
+        if self.patch_size & (self.patch_size - 1) or self.patch_size < 2:
+            raise ConfigError(
+                f"model.patch_size: expected a power of two >= 2, got {self.patch_size}"
+            )
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"model.image_size: expected a multiple of patch_size={self.patch_size}, got {self.image_size}"
@@ -161,25 +170,56 @@ class TrainConfig:
         self.stages = tuple(
             s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages
         )
-        for name in ("epochs", "lr", "weight_decay", "grad_clip", "min_lr_ratio", "save_minutes"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v)):
-                raise ConfigError(f"train.{name}: expected a finite number, got {v!r}")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr: expected > 0, got {self.lr}")
-        for name in ("save_every", "eval_every", "log_every", "routing_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(
-                    f"train.{name}: expected an integer >= 0, got {getattr(self, name)!r}"
-                )
+        check_fields(self, "train", ConfigError)
         if self.nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.nonfinite: expected 'stop' or 'skip', got {self.nonfinite!r}")
         if self.epochs <= 0:
             raise ConfigError(f"train.epochs: expected > 0, got {self.epochs}")
-        if self.batch_size <= 0:
-            raise ConfigError(f"train.batch_size: expected > 0, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: expected > 0, got {self.lr}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"train.val_fraction: expected in (0, 1), got {self.val_fraction}")
+        if not 0 < self.collapse_share <= 1:
+            raise ConfigError(
+                f"train.collapse_share: expected in (0, 1], got {self.collapse_share}"
+            )
+        for name, lo, hi in _TRAIN_RANGES:
+            check_range(f"train.{name}", getattr(self, name), lo, hi, ConfigError)
+
+
+#: (field, min, max) of the integer and float fields of ModelConfig / TrainConfig
+_MODEL_RANGES = (
+    ("image_size", 2, 1024),
+    ("patch_size", 2, 1024),
+    ("stem_channels", 1, 4096),
+    ("vocab_size", 0, None),
+    ("max_text_len", 1, 65536),
+    ("num_answers", 0, None),
+    ("d_model", 1, 65536),
+    ("n_layers", 1, 1024),
+    ("n_heads", 1, 65536),
+    ("d_ff", 1, None),
+    ("vl_layers", 0, None),
+    ("dropout", 0.0, 0.99),
+)
+_TRAIN_RANGES = (
+    ("batch_size", 1, None),
+    ("weight_decay", 0.0, None),
+    ("warmup_steps", 0, None),
+    ("min_lr_ratio", 0.0, 1.0),
+    ("grad_clip", 0.0, None),
+    ("seed", 0, 2**63 - 1),
+    ("train_subset", 0, None),
+    ("eval_subset", 0, None),
+    ("log_every", 1, None),
+    ("routing_every", 1, None),
+    ("save_every", 0, None),
+    ("eval_every", 0, None),
+    ("collapse_patience", 1, None),
+    ("eval_batch_size", 1, None),
+    ("save_minutes", 0.0, None),
+    ("max_skipped", 0, None),
+)
 
 
 @dataclass
@@ -190,6 +230,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: str = "easy-vqa"  #: "easy-vqa" or a path to a JSONL file
     preset: str = "default"  #: the preset this config came from (informational)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "run", ConfigError)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -205,10 +248,15 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         """Rebuild from `to_dict()` output; unknown keys raise ConfigError naming them."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config: expected an object, got {type(d).__name__}")
+        for key in ("model", "train"):
+            if not isinstance(d.get(key, {}), dict):
+                raise ConfigError(f"{key}: expected an object, got {type(d[key]).__name__}")
         try:
             model = dict(d.get("model", {}))
-            if "moe" in model and isinstance(model["moe"], dict):
-                model["moe"] = MoEConfig(**model["moe"])
+            if "moe" in model and not isinstance(model["moe"], dict):
+                raise ConfigError(f"model.moe: expected an object, got {model['moe']!r}")
             return cls(
                 model=ModelConfig(**model),
                 train=TrainConfig(**d.get("train", {})),  # stages: dicts → StageConfig

@@ -36,35 +36,42 @@ if TYPE_CHECKING:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from vlmoe.cli import add_checkpoint_data_arguments
+    from vlmoe.cli import MAX_THREADS, add_checkpoint_data_arguments
+    from vlmoe.validate import int_arg
 
     add_checkpoint_data_arguments(
         p, "split to analyse (default: test; a JSONL file's test split is the whole file)"
     )
     p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/inspect)")
     p.add_argument(
-        "--samples", type=int, default=8, help="sample images in patches.png (default: 8)"
+        "--samples",
+        type=int_arg(0, 1000),
+        default=8,
+        help="sample images in patches.png (default: 8)",
     )
     p.add_argument(
         "--max-questions",
-        type=int,
+        type=int_arg(1),
         default=None,
         metavar="N",
         help="analyse only the first N questions of the split",
     )
     p.add_argument(
-        "--batch-size", type=int, default=256, help="questions per forward pass (default: 256)"
+        "--batch-size",
+        type=int_arg(1, 1 << 20),
+        default=256,
+        help="questions per forward pass (default: 256)",
     )
     p.add_argument(
         "--permutations",
-        type=int,
+        type=int_arg(0, 1000),
         default=5,
         help="shuffles for the random-routing baseline of each NMI (default: 5)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument(
         "--threads",
-        type=int,
+        type=int_arg(1, MAX_THREADS),
         default=None,
         help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)",
     )
@@ -142,8 +149,8 @@ def inspect_checkpoint(
     t0 = time.perf_counter()
     ck = _load_moe_checkpoint(checkpoint, device)
     out_dir = Path(out) if out is not None else ck.path / "inspect"
-    _prepare_out(out_dir)
     ds = _load_split(ck, data, split, max_questions)
+    _prepare_out(out_dir)  # after every input is read: a bad input leaves no empty folder
     t_load = time.perf_counter()
     traces, pred_Q = _route(ck, ds, batch_size, device)
     t_fwd = time.perf_counter()

@@ -43,7 +43,9 @@ def load_jsonl(path: str | os.PathLike, image_size: int = 64) -> VQASplit:
     image_paths: list[Path] = []
     image_names: list[str] = []
     first_line: list[int] = []  # line that first named each image row, for error messages
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines would also cut at U+2028, U+0085, … which JSON
+    # allows raw inside a string, turning one valid line into two broken ones
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         image, question, answer = _parse_record(line, f"{file}:{lineno}")
@@ -74,11 +76,13 @@ def load_jsonl(path: str | os.PathLike, image_size: int = 64) -> VQASplit:
 
 
 def _parse_record(line: str, where: str) -> tuple[str, str, str]:
-    """(image, question, answer) of one JSONL line, stripped; DataError naming ``where``."""
+    """One JSONL line → (image, question, answer), stripped and non-empty; else DataError."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: invalid JSON (nested too deeply)") from None
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     for key in _FIELDS:
@@ -87,16 +91,26 @@ def _parse_record(line: str, where: str) -> tuple[str, str, str]:
         if not isinstance(record[key], str):
             got = type(record[key]).__name__
             raise DataError(f"{where}: field {key!r} must be a string, got {got}")
-    image, question, answer = (record[k].strip() for k in _FIELDS)
-    for key, value in (("image", image), ("question", question), ("answer", answer)):
-        if not value:
+        _check_unicode(record[key], f"{where}: field {key!r}")
+        if not record[key].strip():
             raise DataError(f"{where}: field {key!r} is empty")
+    image, question, answer = (record[k].strip() for k in _FIELDS)
     return image, question, answer
+
+
+def _check_unicode(text: str, where: str) -> None:
+    """JSON escapes can spell lone surrogates ("\\udce9"), which are not text: no tokenizer,
+    terminal or file encoder accepts them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: not valid Unicode text (lone surrogate at {e.start})") from None
 
 
 def _read_text(file: Path) -> str:
     try:
-        return file.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of line 1
+        return file.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"{file}: data file not found") from None
     except IsADirectoryError:

@@ -19,6 +19,7 @@ from vlmoe.config import ConfigError, RunConfig, StageConfig
 from vlmoe.data import Batch, VQASplit, WordTokenizer, iterate_batches, load_data, num_batches
 from vlmoe.evaluate import EvalResult, evaluate
 from vlmoe.models import build_model
+from vlmoe.validate import check_batch_fits
 
 
 class Task(Protocol):
@@ -92,13 +93,9 @@ class VQATask:
         load_matching(model, state)
 
     def batches_per_epoch(self, batch_size: int) -> int:
-        n = num_batches(len(self.train_split), batch_size, drop_last=True)
-        if n == 0:
-            raise ConfigError(
-                f"train.batch_size: {batch_size} is larger than the training split "
-                f"({len(self.train_split)} questions)"
-            )
-        return n
+        # a clear DataError naming the data, not zero steps per epoch (batches are global)
+        check_batch_fits(len(self.train_split), batch_size, 1, self.train_split.source)
+        return num_batches(len(self.train_split), batch_size, drop_last=True)
 
     def train_batches(
         self, batch_size: int, epoch: int, start: int, rank: int, world_size: int
