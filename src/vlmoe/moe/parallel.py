@@ -7,8 +7,8 @@ Shape legend:
     S  token-expert assignments this rank sends   R  assignments this rank receives
 
 Layout: rank r of the EP group holds experts ``[r·El, (r+1)·El)``. The router, the shared
-experts and everything outside the MoE layer are replicated (data parallel, see
-``vlmoe.distributed``).
+experts and everything outside the MoE layer are data parallel (replicated or sharded with
+FSDP2, see ``vlmoe.parallel_engine``).
 
 One forward of ``ExpertParallelMoE`` (GShard / DeepSpeed-MoE / torchtitan dropless EP):
 
@@ -27,7 +27,8 @@ Gradient convention. Every collective here differentiates the *sum over ranks* o
 losses, J = Σ_r L_r. With data-parallel ranks each computing a mean loss on its shard,
 L_global = J / W, so the caller must scale every gradient by 1/W: the replicated parameters
 get that from the usual DP all-reduce-mean, the expert parameters (never all-reduced: each
-exists once) by a plain ``grad /= W`` — ``vlmoe.distributed.sync_gradients`` does both.
+exists once) by a plain ``grad /= W`` — ``vlmoe.parallel_engine.Engine`` (FSDP2 +
+``finish_gradients``) does both.
 
 Auxiliary losses and statistics use *global* batch statistics (Megatron-LM's and torchtitan's
 choice): the token counts, probability sums and log-sum-exps that the balancing losses average
