@@ -50,6 +50,7 @@ def worker(out: str, preset: str, fsdp: bool, steps: int) -> None:
     import torch
 
     from vlmoe.config import get_preset
+    from vlmoe.data import Batch
     from vlmoe.models import build_model
     from vlmoe.train.parallel import Engine, ParallelPlan
 
@@ -61,17 +62,18 @@ def worker(out: str, preset: str, fsdp: bool, steps: int) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(2)
     S, L, B = mcfg.image_size, 12, 32
-    batch = [
+    parts = [
         engine.rank_slice(torch.randn(B, 3, S, S, generator=g)),
         engine.rank_slice(torch.randint(1, 64, (B, L), generator=g)),
         engine.rank_slice(torch.ones(B, L, dtype=torch.bool)),
         engine.rank_slice(torch.randint(0, 13, (B,), generator=g)),
     ]
+    batch = Batch(*parts, torch.arange(parts[0].shape[0]))
 
     def step() -> float:
         engine.barrier()
         t0 = time.perf_counter()
-        model(*batch).loss.backward()
+        model(batch).loss.backward()
         engine.finish_gradients(model)
         engine.clip_grad_norm_(model, 1.0)
         opt.step()

@@ -7,7 +7,8 @@ with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set for W > 1 (the t
 without them it is the 1-process run). It builds the tiny VL-MoE from seed 0, parallelises it,
 and runs a minimal training loop on fixed random global batches (batch b depends only on b):
 forward, ``loss.backward()``, ``finish_gradients``, ``clip_grad_norm_``, AdamW. Rank 0 writes
-OUT_DIR/losses.json ({"loss": {step: global loss}, "grad_norm": {step: norm before clipping}}) and the single-process state dict at the start and
+OUT_DIR/losses.json ({"loss": {step: global loss}, "grad_norm": {step: norm before clipping},
+"param_counts": [total, active]}) and the single-process state dict at the start and
 the end (OUT_DIR/full-init.safetensors, full-final.safetensors). ``--save-at K`` saves a DCP
 checkpoint to OUT_DIR/state after step K; ``--resume DIR`` loads one and goes on from its step.
 A distributed failure ends the rank with one line ``vlmoe: error: distributed: ...``.
@@ -70,9 +71,13 @@ def global_batch(b: int) -> dict[str, torch.Tensor]:
 
 
 def model_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The one call into the model family (``VLMoE.forward`` becomes ``forward(batch)``)."""
-    out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"])
-    return out.loss
+    """The one call into the model family: ``forward(batch) -> ModelOutput``."""
+    from vlmoe.data import Batch
+
+    n = batch["labels"].shape[0]
+    b = Batch(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"],
+              torch.arange(n))  # fmt: skip
+    return model(b).loss
 
 
 def run(args: argparse.Namespace) -> None:
@@ -107,7 +112,9 @@ def run(args: argparse.Namespace) -> None:
             engine.save_state(out / "state", model, opt, extra)
     full = engine.full_state_dict(model)
     if engine.is_main:
-        (out / "losses.json").write_text(json.dumps({"loss": losses, "grad_norm": norms}))
+        counts = list(model.param_counts())  # whole-model counts under any sharding
+        report = {"loss": losses, "grad_norm": norms, "param_counts": counts}
+        (out / "losses.json").write_text(json.dumps(report))
         save_file({k: v.contiguous() for k, v in full.items()}, out / "full-final.safetensors")
     engine.shutdown()
 

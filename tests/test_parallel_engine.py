@@ -79,6 +79,8 @@ def test_two_process_fsdp2_expert_parallel_equals_one_process(runs):
     # the gradient norm sees a wrong gradient scale that AdamW's update would hide
     assert_same_curve(n1, n2)
     assert max(n1.values()) > 0.5  # clipping (max_norm 0.5) was exercised
+    counts = [json.loads((runs[k] / "losses.json").read_text())["param_counts"] for k in runs]
+    assert counts[0] == counts[1] == list(build().param_counts())
     # training moved the weights, the same way in both runs
     a, b = (
         load_file(runs["one"] / "full-final.safetensors"),
