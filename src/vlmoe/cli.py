@@ -29,7 +29,11 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     DistributedError,
 )
 #: subcommands that live in their own modules: each has add_arguments(parser) and run(args) -> int
-EXTRA_COMMANDS = {"inspect": "vlmoe.inspect", "compare": "vlmoe.compare"}
+EXTRA_COMMANDS = {
+    "inspect": "vlmoe.inspect",
+    "compare": "vlmoe.compare",
+    "serve": "vlmoe.serve.command",
+}
 
 
 class UsageError(ValueError):
