@@ -44,6 +44,8 @@ DEFAULT_MAX_UPLOAD = 4 * 1024 * 1024
 MAX_PIXELS = 4096 * 4096
 #: room for the multipart boundaries, headers and the text fields around the image
 FORM_OVERHEAD = 64 * 1024
+#: bodies up to this many times the limit are read (and dropped) before the 413 is sent
+DRAIN_FACTOR = 4
 STATIC = {"app.js": "text/javascript", "app.css": "text/css"}
 
 
@@ -158,13 +160,20 @@ async def read_form(request: Request, max_upload_bytes: int) -> FormData:
         )
     limit = max_upload_bytes + FORM_OVERHEAD
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isdigit() and int(declared) > DRAIN_FACTOR * limit:
+        # far too large: answer now (the connection closes under the client's upload)
         raise ApiError(413, _too_large(int(declared), max_upload_bytes, "request"))
-    body = bytearray()
+    body, n = bytearray(), 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, _too_large(len(body), max_upload_bytes, "request"))
+        n += len(chunk)
+        if n > DRAIN_FACTOR * limit:
+            raise ApiError(413, _too_large(n, max_upload_bytes, "request"))
+        if n <= limit:
+            body += chunk
+    if n > limit:
+        # read to the end but kept nothing: a client (a browser's fetch) that is still sending
+        # when the answer comes sees a reset connection instead of this message
+        raise ApiError(413, _too_large(n, max_upload_bytes, "request"))
 
     async def once() -> AsyncIterator[bytes]:
         yield bytes(body)
