@@ -263,6 +263,7 @@ async function init() {
   }
   $("file").addEventListener("change", onFile);
   $("ask-form").addEventListener("submit", onAsk);
+  document.body.dataset.readyMs = String(Math.round(performance.now())); // since navigation
   document.body.dataset.ready = "1";
 }
 
