@@ -47,7 +47,7 @@ def test_answer_matches_the_ask_command_path(served, image):
 
 def test_layers_are_the_forward_routing(served, image):
     res = ask(served, image, QUESTION)
-    out = run_model(served.checkpoint.model, make_batch(image, QUESTION, served.checkpoint))
+    out = run_model(served.checkpoint.model, make_batch([image], [QUESTION], served.checkpoint))
     assert [layer["name"] for layer in res["layers"]] == [r.name for r in out.routing]
     assert [layer["name"] for layer in served.layers] == [r.name for r in out.routing]
     tokens = res["question"]["tokens"]
@@ -65,6 +65,39 @@ def test_layers_are_the_forward_routing(served, image):
         counts = torch.bincount(torch.tensor(layer["experts"]).flatten(), minlength=E)
         assert layer["load"] == pytest.approx((counts / (n * K)).tolist(), abs=1e-4)
         assert layer["train_load"] == served.train_load[layer["name"]]
+
+
+def test_concurrent_questions_share_a_forward_and_get_their_own_answers(served):
+    """Batcher.forward on 6 requests at once gives each the answer and routing it gets alone."""
+    from vlmoe.serve.inference import Batcher, _Pending
+
+    paths = easy_vqa.get_test_image_paths()
+    qs = ["what color is the shape?", "is there a circle?", "what shape is this?"] * 2
+    items = [_Pending(load_image(paths[i], served.image_size), q) for i, q in enumerate(qs)]
+    batcher = Batcher(served.checkpoint)
+    batcher.forward(items)
+    for p in items:
+        assert p.done and p.error is None and p.result[3] == len(items)
+        alone = _Pending(p.image, p.question)
+        batcher.forward([alone])
+        logits, routing, _, n = p.result
+        assert n == 6 and alone.result[3] == 1
+        assert torch.allclose(logits, alone.result[0], atol=1e-4)
+        for r, a in zip(routing, alone.result[1], strict=True):
+            assert r.name == a.name and torch.equal(r.positions, a.positions)
+            assert torch.allclose(r.weights, a.weights, atol=1e-4)
+            clear = (a.weights[:, 0] - a.weights[:, 1]).abs() > 1e-3  # no near-tie to flip
+            assert torch.equal(r.indices[clear], a.indices[clear])
+    assert [len(r.positions) for r in items[1].result[1]] == [16, 6]  # [CLS] is there a circle ?
+
+
+def test_a_failing_forward_wakes_every_waiter_with_the_error(served):
+    from vlmoe.serve.inference import Batcher
+
+    batcher = Batcher(served.checkpoint)
+    with pytest.raises(RuntimeError):  # 4 channels: the model itself raises
+        batcher.run(torch.zeros(4, 32, 32, dtype=torch.uint8), "what?")
+    assert batcher.run(torch.zeros(3, 32, 32, dtype=torch.uint8), "what?")[3] == 1
 
 
 def test_image_is_echoed_as_the_model_saw_it(served, image):

@@ -69,11 +69,7 @@ def create_app(
     """The app serving `models` (one, or two side by side); the first answers by default."""
     if not models:
         raise ValueError("create_app: expected at least one model")
-    examples = examples or []
     by_id = {m.id: m for m in models}
-    files = resources.files("vlmoe.serve") / "static"
-    page = (files / "index.html").read_text(encoding="utf-8")
-    static = {name: (files / name).read_bytes() for name in STATIC}
     info = {
         "models": [model_info(m) for m in models],
         "max_upload_bytes": max_upload_bytes,
@@ -81,16 +77,7 @@ def create_app(
     }
     app = FastAPI(title="vlmoe serve", docs_url=None, redoc_url=None, openapi_url=None)
     _add_error_handlers(app)
-
-    @app.get("/", response_class=HTMLResponse)
-    def index() -> HTMLResponse:
-        return HTMLResponse(page)
-
-    @app.get("/static/{name}")
-    def static_file(name: str) -> Response:
-        if name not in static:  # a fixed set read at start: a client's name never reaches open()
-            raise ApiError(404, f"/static/{name}: no such file")
-        return Response(static[name], media_type=STATIC[name])
+    _add_page_routes(app, examples or [])
 
     @app.get("/api/health")
     def health() -> dict[str, Any]:
@@ -99,19 +86,6 @@ def create_app(
     @app.get("/api/info")
     def get_info() -> dict[str, Any]:
         return info
-
-    @app.get("/api/examples")
-    def list_examples() -> list[dict[str, Any]]:
-        return [
-            {"id": i, "question": e.question, "answer": e.answer, "url": f"/api/examples/{i}"}
-            for i, e in enumerate(examples)
-        ]
-
-    @app.get("/api/examples/{index}")
-    def example_image(index: str) -> Response:
-        if not index.isdigit() or int(index) >= len(examples):
-            raise ApiError(404, f"example {index!r}: expected 0 to {len(examples) - 1}")
-        return Response(examples[int(index)].png, media_type="image/png")
 
     @app.post("/api/ask")
     async def post_ask(request: Request) -> dict[str, Any]:
@@ -126,6 +100,37 @@ def create_app(
         return result
 
     return app
+
+
+def _add_page_routes(app: FastAPI, examples: list[Example]) -> None:
+    """/, /static/{app.js,app.css} and the example images: all read into memory here, so
+    that no name a client sends ever reaches open()."""
+    files = resources.files("vlmoe.serve") / "static"
+    page = (files / "index.html").read_text(encoding="utf-8")
+    static = {name: (files / name).read_bytes() for name in STATIC}
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/static/{name}")
+    def static_file(name: str) -> Response:
+        if name not in static:
+            raise ApiError(404, f"/static/{name}: no such file")
+        return Response(static[name], media_type=STATIC[name])
+
+    @app.get("/api/examples")
+    def list_examples() -> list[dict[str, Any]]:
+        return [
+            {"id": i, "question": e.question, "answer": e.answer, "url": f"/api/examples/{i}"}
+            for i, e in enumerate(examples)
+        ]
+
+    @app.get("/api/examples/{index}")
+    def example_image(index: str) -> Response:
+        if not index.isdigit() or int(index) >= len(examples):
+            raise ApiError(404, f"example {index!r}: expected 0 to {len(examples) - 1}")
+        return Response(examples[int(index)].png, media_type="image/png")
 
 
 def _add_error_handlers(app: FastAPI) -> None:

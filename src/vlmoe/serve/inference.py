@@ -38,15 +38,14 @@ class ServedModel:
                 ("vision" | "text" | "vl"), num_experts, top_k
     train_load  MoE FFN name → mean share of token-expert assignments per expert [E] over the
                 training run's routing log (metrics.jsonl), absent when the log has none
-    lock        one forward at a time: torch already spreads one forward over every core, and
-                concurrent forwards would only contend for them
+    batcher     runs concurrent questions to this model as one forward (`Batcher`)
     """
 
     id: str
     checkpoint: Checkpoint
     layers: list[dict[str, Any]] = field(default_factory=list)
     train_load: dict[str, list[float]] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    batcher: Batcher | None = None
 
     @property
     def image_size(self) -> int:
@@ -63,9 +62,10 @@ def load_served_model(path: str, model_id: str, device: str = "cpu") -> ServedMo
     """Load a checkpoint folder (CheckpointError on a bad one) and learn its MoE FFNs from one
     warm-up forward on a grey image."""
     ck = load_checkpoint(path, device)
-    served = ServedModel(model_id, ck, train_load=training_load(ck.metrics))
+    served = ServedModel(model_id, ck, train_load=training_load(ck.metrics), batcher=Batcher(ck))
     S = served.image_size
-    out = run_model(ck.model, make_batch(torch.full((3, S, S), 128, dtype=torch.uint8), "?", ck))
+    grey = torch.full((3, S, S), 128, dtype=torch.uint8)
+    out = run_model(ck.model, make_batch([grey], ["?"], ck))
     served.layers = [
         {
             "name": r.name,
@@ -85,12 +85,104 @@ def run_model(model: torch.nn.Module, batch: Batch) -> Any:
     return model(batch.images, batch.input_ids, batch.attention_mask)
 
 
-def make_batch(image_CHW: torch.Tensor, question: str, ck: Checkpoint) -> Batch:
-    """A batch of one: uint8 image [3, S, S] and a question → Batch on the model's device."""
-    ids_1L, mask_1L = ck.tokenizer.encode_batch([question], max_len=ck.config.model.max_text_len)
-    images = image_CHW[None].float().div_(127.5).sub_(1.0)  # as in training: [-1, 1]
-    batch = Batch(images, ids_1L, mask_1L, torch.full((1,), -100), torch.zeros(1, dtype=torch.long))
+def make_batch(images_CHW: list[torch.Tensor], questions: list[str], ck: Checkpoint) -> Batch:
+    """uint8 images [3, S, S] and their questions → one Batch on the model's device (text
+    padded to the longest question)."""
+    ids_BL, mask_BL = ck.tokenizer.encode_batch(questions, max_len=ck.config.model.max_text_len)
+    images = torch.stack(images_CHW).float().div_(127.5).sub_(1.0)  # as in training: [-1, 1]
+    B = len(questions)
+    batch = Batch(images, ids_BL, mask_BL, torch.full((B,), -100), torch.arange(B))
     return batch.to(next(ck.model.parameters()).device)
+
+
+@dataclass
+class SampleRouting:
+    """One MoE FFN's routing of one sample: positions [T] (patch index or text position),
+    indices / weights [T, K] (the chosen experts best first, -1 / 0 for an unused slot)."""
+
+    name: str
+    layer: int
+    modality: str
+    num_experts: int
+    positions: torch.Tensor
+    indices: torch.Tensor
+    weights: torch.Tensor
+
+
+@dataclass
+class _Pending:
+    image: torch.Tensor
+    question: str
+    done: bool = False
+    result: tuple[torch.Tensor, list[SampleRouting], float, int] | None = None
+    error: BaseException | None = None
+
+
+class Batcher:
+    """Runs the questions that arrive while a forward is under way as the next forward, one
+    batch (at most `max_batch`) at a time. Under load this costs a few batched forwards instead
+    of one batch-1 forward per request queued behind a lock; alone, a request runs at once.
+    No thread of its own: the first waiting caller runs each batch ("leader" hand-off)."""
+
+    def __init__(self, ck: Checkpoint, max_batch: int = 16) -> None:
+        self.ck, self.max_batch = ck, max_batch
+        self._cond = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._busy = False
+
+    def run(
+        self, image_CHW: torch.Tensor, question: str
+    ) -> tuple[torch.Tensor, list[SampleRouting], float, int]:
+        """→ (logits [A], routing per MoE FFN, forward ms, batch size it ran in)."""
+        p = _Pending(image_CHW, question)
+        with self._cond:
+            self._queue.append(p)
+            while not p.done:
+                if self._busy:
+                    self._cond.wait()
+                    continue
+                self._busy = True
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                self._cond.release()
+                try:
+                    self.forward(batch)
+                finally:
+                    self._cond.acquire()
+                    self._busy = False
+                    self._cond.notify_all()
+        if p.error is not None:
+            raise p.error
+        assert p.result is not None
+        return p.result
+
+    def forward(self, batch: list[_Pending]) -> None:
+        """One forward for `batch`; each item gets its result (or the error) and is done."""
+        try:
+            b = make_batch([p.image for p in batch], [p.question for p in batch], self.ck)
+            t0 = time.perf_counter()
+            out = run_model(self.ck.model, b)
+            ms = (time.perf_counter() - t0) * 1e3
+            logits_BA = out.logits.float().cpu()
+            for i, p in enumerate(batch):
+                p.result = (logits_BA[i], [_sample(r, i) for r in out.routing], ms, len(batch))
+        except BaseException as e:  # every waiter must wake, whatever went wrong
+            for p in batch:
+                p.error = e
+        for p in batch:
+            p.done = True
+
+
+def _sample(rec: RoutingRecord, i: int) -> SampleRouting:
+    mask_T = rec.token_index[:, 0].cpu() == i
+    return SampleRouting(
+        rec.name,
+        rec.layer,
+        rec.modality,
+        int(rec.stats.tokens_per_expert.numel()),
+        rec.token_index[:, 1].cpu()[mask_T],
+        rec.routing.indices.cpu()[mask_T],
+        rec.routing.weights.float().cpu()[mask_T],
+    )
 
 
 def question_tokens(tokenizer: WordTokenizer, question: str, max_len: int) -> list[str]:
@@ -104,17 +196,15 @@ def ask(served: ServedModel, image_CHW: torch.Tensor, question: str, top: int = 
 
     Returns {"model", "task": "answer", "answer", "top": [{"answer", "prob"}],
     "question": {"text", "tokens", "unknown", "truncated"}, "image": {"size", "grid", "png"},
-    "layers": [layer_json(...)], "timing_ms": {"model"}}. Generative checkpoints will add
+    "layers": [layer_json(...)], "timing_ms": {"model", "batch"}}: "batch" is how many
+    concurrent questions shared the forward. Generative checkpoints will add
     "answer_text" (and text positions past the question, for generated words); the keys here
     stay as they are.
     """
     ck = served.checkpoint
-    batch = make_batch(image_CHW, question, ck)
-    t0 = time.perf_counter()
-    with served.lock:
-        out = run_model(ck.model, batch)
-    model_ms = (time.perf_counter() - t0) * 1e3
-    probs_A = out.logits[0].float().softmax(-1).cpu()
+    assert served.batcher is not None
+    logits_A, routing, model_ms, batch_size = served.batcher.run(image_CHW, question)
+    probs_A = logits_A.softmax(-1)
     p, i = probs_A.topk(min(top, probs_A.numel()))
     ranked = [
         {"answer": ck.answers[j], "prob": round(float(q), 5)} for q, j in zip(p, i, strict=True)
@@ -134,13 +224,13 @@ def ask(served: ServedModel, image_CHW: torch.Tensor, question: str, top: int = 
             "truncated": len(words) + 1 > max_len,
         },
         "image": {"size": served.image_size, "grid": served.grid, "png": png_data_url(image_CHW)},
-        "layers": [layer_json(r, served.train_load.get(r.name)) for r in out.routing],
-        "timing_ms": {"model": round(model_ms, 2)},
+        "layers": [layer_json(r, served.train_load.get(r.name)) for r in routing],
+        "timing_ms": {"model": round(model_ms, 2), "batch": batch_size},
     }
 
 
-def layer_json(rec: RoutingRecord, train_load: list[float] | None) -> dict[str, Any]:
-    """One MoE FFN's routing for a batch of one.
+def layer_json(rec: SampleRouting, train_load: list[float] | None) -> dict[str, Any]:
+    """One MoE FFN's routing of one request.
 
     positions [T]: patch index (row-major) for vision, text position (index into the
     question's tokens) for text; experts / weights [T][K]: the chosen experts, best first, and
@@ -148,17 +238,18 @@ def layer_json(rec: RoutingRecord, train_load: list[float] | None) -> dict[str, 
     token-expert assignments per expert (sums to 1); train_load [E] or None: the same, averaged
     over training.
     """
-    tokens_E = rec.stats.tokens_per_expert.float().cpu()
+    kept = rec.indices[rec.indices >= 0]
+    counts_E = torch.bincount(kept, minlength=rec.num_experts).float()
     return {
         "name": rec.name,
         "layer": rec.layer,
         "modality": rec.modality,
-        "num_experts": int(tokens_E.numel()),
-        "top_k": int(rec.routing.indices.shape[1]),
-        "positions": rec.token_index[:, 1].tolist(),
-        "experts": rec.routing.indices.tolist(),
-        "weights": [[round(w, 4) for w in row] for row in rec.routing.weights.float().tolist()],
-        "load": [round(float(x), 4) for x in tokens_E / tokens_E.sum().clamp_min(1)],
+        "num_experts": rec.num_experts,
+        "top_k": int(rec.indices.shape[1]),
+        "positions": rec.positions.tolist(),
+        "experts": rec.indices.tolist(),
+        "weights": [[round(w, 4) for w in row] for row in rec.weights.tolist()],
+        "load": [round(float(x), 4) for x in counts_E / counts_E.sum().clamp_min(1)],
         "train_load": train_load,
     }
 
