@@ -224,7 +224,7 @@ function loadChart(rec, colors) {
   const max = Math.max(...rec.load, ...(train || [0]), 1e-9);
   const chart = el("div", { class: "load", "data-name": rec.name },
     el("div", { class: "load-title" },
-      `${rec.name} load: this request (colour)${train ? " vs training average (grey)" : ""}`));
+      `${rec.name} load: this request (colour)${train ? " vs training average (black)" : ""}`));
   rec.load.forEach((share, e) => {
     const bars = el("div", { class: "load-bars" },
       el("div", { class: "bar-req", style: `width:${(100 * share) / max}%;background:${colors[e]}` }));
