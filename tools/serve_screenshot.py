@@ -34,6 +34,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as logs, serve_process(args.checkpoint, extra, logs) as srv:
         driver = chromium_driver(args.width, args.height)
         try:
+            driver.set_window_size(args.width, args.height)
             wait = WebDriverWait(driver, 30)
             driver.get(srv.url)
             wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "body[data-ready='1']"))
@@ -48,8 +49,8 @@ def main() -> int:
             canvases = driver.find_elements(By.CSS_SELECTOR, "canvas.heatmap")
             wait.until(lambda d: all(c.get_attribute("data-drawn") for c in canvases))
             words = driver.find_elements(By.CSS_SELECTOR, "#col-a .words .word")
-            if len(words) > 3:
-                ActionChains(driver).move_to_element(words[3]).perform()
+            if len(words) > 2:
+                ActionChains(driver).move_to_element(words[2]).perform()
                 wait.until(lambda d: d.find_element(By.ID, "tooltip").is_displayed())
             driver.save_screenshot(args.out)
         finally:

@@ -110,7 +110,8 @@ function buildColumns() {
       ? `${(m.params_total / 1e6).toFixed(2)}M params, ${(m.params_active / 1e6).toFixed(2)}M active`
       : "";
     const moe = m.layers.length ? `${m.layers.length} MoE FFNs` : "dense (no MoE layers)";
-    $("results").append(el("div", { class: "column", id: `col-${m.id}`, "data-model": m.id },
+    const cls = m.layers.length ? "column" : "column dense";
+    $("results").append(el("div", { class: cls, id: `col-${m.id}`, "data-model": m.id },
       el("div", { class: "col-head" }, el("h2", {}, m.name),
         el("span", { class: "meta" }, `${m.preset} · ${moe} · ${params}`)),
       el("div", { class: "result" })));
