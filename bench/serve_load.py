@@ -11,7 +11,8 @@ at most --requests requests per phase, each with a 30 s timeout, and no new requ
 Rows (medians and 95th percentiles in ms):
   in-process ask()   the baseline, measured in this run: `vlmoe.serve.inference.ask` called
                      directly, no HTTP, one at a time
-  HTTP, 1 at a time  the served path without contention
+  HTTP, 1 at a time  the served path without contention, alternating request by request with
+                     the baseline (so that both see the same load of a shared machine)
   HTTP, N at a time  the load test proper
 "client" is the latency seen by the client (queueing included); "server" is the handler's own
 `timing_ms.total` (form parsing, decode, waiting for the model's lock, forward, JSON).
@@ -83,18 +84,31 @@ def phase(url: str, reqs: list[tuple[bytes, str]], n: int, conc: int, limit_s: f
     }
 
 
-def baseline(checkpoint: str, n: int) -> list[float]:
+def interleaved(url: str, checkpoint: str, reqs: list, n: int, limit_s: float) -> tuple:
+    """The baseline and the 1-at-a-time HTTP path, alternating request by request, so that
+    both see the same machine load: → (baseline ms list, phase dict)."""
     served = load_served_model(checkpoint, "a")
     questions, _, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
-    times = []
+    base: list[float] = []
+    http = {"sent": 0, "errors": 0, "client": [], "server": [], "rps": 0.0}
+    t_http = 0.0
     for i in range(n + 3):
         image = load_image(paths[image_ids[i * 7]], served.image_size)
         t0 = time.perf_counter()
         ask(served, image, questions[i * 7])
-        if i >= 3:  # warm-up
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
+        t1 = time.perf_counter()
+        r = phase(url, reqs[i % len(reqs) :], 1, 1, limit_s)
+        if i < 3:  # warm-up
+            continue
+        base.append((t1 - t0) * 1e3)
+        t_http += sum(r["client"]) / 1e3
+        for k in ("sent", "errors"):
+            http[k] += r[k]
+        http["client"] += r["client"]
+        http["server"] += r["server"]
+    http["rps"] = len(http["client"]) / max(t_http, 1e-9)
+    return base, http
 
 
 def page_ready_ms(url: str, n: int = 5) -> list[float]:
@@ -140,13 +154,13 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = baseline(args.checkpoint, 50)
     reqs = bodies(50)
     extra = ["--threads", str(args.threads)] if args.threads else []
     with tempfile.TemporaryDirectory() as logs, serve_process(args.checkpoint, extra, logs) as srv:
         phase(srv.url, reqs, 5, 1, 60)  # warm-up
+        base, one = interleaved(srv.url, args.checkpoint, reqs, 50, args.time_limit)
         runs = [
-            ("HTTP, 1 at a time", 1, phase(srv.url, reqs, 50, 1, args.time_limit)),
+            ("HTTP, 1 at a time", 1, one),
             (
                 f"HTTP, {args.concurrency} at a time",
                 args.concurrency,
