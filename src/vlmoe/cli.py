@@ -47,7 +47,11 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     DistributedError,
 )
 #: subcommands that live in their own modules: each has add_arguments(parser) and run(args) -> int
-EXTRA_COMMANDS = {"inspect": "vlmoe.inspect", "compare": "vlmoe.compare"}
+EXTRA_COMMANDS = {
+    "inspect": "vlmoe.inspect",
+    "compare": "vlmoe.compare",
+    "serve": "vlmoe.serve.command",
+}
 
 
 #: the most torch threads a command accepts (more only adds contention)

@@ -19,7 +19,7 @@ from vlmoe.data.batching import (
 from vlmoe.data.dataset import QUESTION_KINDS, VQASplit, question_kind, split_by_image
 from vlmoe.data.easyvqa import easyvqa_answers, load_easyvqa
 from vlmoe.data.errors import DataError
-from vlmoe.data.images import decode_images, load_image, load_images
+from vlmoe.data.images import decode_image_bytes, decode_images, load_image, load_images
 from vlmoe.data.jsonl import load_data, load_jsonl
 from vlmoe.data.tokenizer import WordTokenizer
 
@@ -31,6 +31,7 @@ __all__ = [
     "VQASplit",
     "WordTokenizer",
     "answer_labels",
+    "decode_image_bytes",
     "decode_images",
     "easyvqa_answers",
     "encoded_questions",

@@ -6,10 +6,12 @@ take 49 MB); normalisation to float happens per batch in `batching.py`.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -39,10 +41,23 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _decode(path: str | os.PathLike, size: int) -> np.ndarray:
-    """Decode one file to a uint8 array [S, S, 3]; raises DataError naming the path."""
+def _decode(
+    src: str | os.PathLike | BinaryIO,
+    size: int,
+    name: str | os.PathLike | None = None,
+    max_pixels: int | None = None,
+) -> np.ndarray:
+    """Decode one file (a path or an open binary stream) to a uint8 array [S, S, 3]; raises
+    DataError naming `name` (default: the path). `max_pixels` bounds width × height, read
+    from the header before any pixel is decoded."""
+    name = src if name is None else name
     try:
-        with Image.open(path) as img:
+        with Image.open(src) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                w, h = img.size
+                raise DataError(
+                    f"{name}: image too large ({w}×{h} pixels; at most {max_pixels:,} pixels)"
+                )
             # JPEG can decode at 1/2, 1/4, 1/8 scale for free; never below the target size.
             img.draft("RGB", (size, size))
             img = ImageOps.exif_transpose(img)
@@ -51,14 +66,16 @@ def _decode(path: str | os.PathLike, size: int) -> np.ndarray:
                 # Stretch rather than crop: in VQA the object asked about may sit anywhere.
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
             return np.array(img, dtype=np.uint8)  # a writable copy for torch.from_numpy
+    except DataError:
+        raise  # ours, already naming the file (DataError is a ValueError, caught below)
     except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
+        raise DataError(f"{name}: image file not found") from None
     except IsADirectoryError:
-        raise DataError(f"{path}: expected an image file, got a directory") from None
+        raise DataError(f"{name}: expected an image file, got a directory") from None
     except PermissionError:
-        raise DataError(f"{path}: image file not readable (permission denied)") from None
+        raise DataError(f"{name}: image file not readable (permission denied)") from None
     except _DECODE_ERRORS as e:
-        raise DataError(f"{path}: cannot decode image ({one_line(e)})") from None
+        raise DataError(f"{name}: cannot decode image ({one_line(e)})") from None
 
 
 def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
@@ -70,6 +87,19 @@ def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     """
     _check_size(size)
     return torch.from_numpy(_decode(path, size)).permute(2, 0, 1).contiguous()
+
+
+def decode_image_bytes(
+    data: bytes, size: int, name: str = "image", max_pixels: int | None = None
+) -> torch.Tensor:
+    """An image file's bytes (an upload, say) → uint8 RGB [3, size, size], as `load_image`.
+
+    Decoded in memory: nothing is written to disk. Bytes PIL cannot read, or an image of more
+    than `max_pixels` pixels (checked before decoding), raise `DataError` naming `name`.
+    """
+    _check_size(size)
+    arr = _decode(io.BytesIO(data), size, name=name, max_pixels=max_pixels)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 def decode_images(
