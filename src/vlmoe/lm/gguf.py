@@ -88,6 +88,12 @@ def _field(reader: Any, path: Path, key: str, default: Any = ...) -> Any:
     return f.contents()
 
 
+def _f32(v: float) -> float:
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-5, not
+    9.999999747e-06), so configs written from Python values read back equal."""
+    return float(str(np.float32(v)))
+
+
 def config_from_metadata(reader: Any, path: Path) -> LMConfig:
     """``LMConfig`` from ``general.architecture`` and the ``{arch}.*`` fields."""
     arch = _field(reader, path, "general.architecture")
@@ -106,8 +112,8 @@ def config_from_metadata(reader: Any, path: Path) -> LMConfig:
         n_heads=int(_field(reader, path, f"{arch}.attention.head_count")),
         n_kv_heads=int(_field(reader, path, f"{arch}.attention.head_count_kv")),
         d_ff=int(_field(reader, path, f"{arch}.feed_forward_length")),
-        rope_theta=float(_field(reader, path, f"{arch}.rope.freq_base", 10000.0)),
-        norm_eps=float(_field(reader, path, f"{arch}.attention.layer_norm_rms_epsilon")),
+        rope_theta=_f32(_field(reader, path, f"{arch}.rope.freq_base", 10000.0)),
+        norm_eps=_f32(_field(reader, path, f"{arch}.attention.layer_norm_rms_epsilon")),
         max_seq_len=int(_field(reader, path, f"{arch}.context_length", 2048)),
         tie_embeddings="output.weight" not in names,
     )
