@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmoe.models.output import ModelOutput, RoutingRecord
-from vlmoe.moe import DenseFFN, MoE, MoEConfig
+from vlmoe.moe import DenseFFN, MoE, MoEConfig, dense_ffn
 
 __all__ = ["CausalLM", "KVCache", "LMConfig", "LMMoEConfig"]
 
@@ -232,7 +232,29 @@ class Block(nn.Module):
             return out.output, out
         x_TD = h_BLD.reshape(-1, h_BLD.shape[-1])
         d, _, _ = self.ffn.route(x_TD)
+        if x_TD.shape[0] <= FEW_TOKENS and not torch.is_grad_enabled():
+            return _few_token_experts(self.ffn, x_TD, d.indices, d.weights).view_as(h_BLD), None
         return self.ffn.experts(x_TD, d.indices, d.weights).view_as(h_BLD), None
+
+
+FEW_TOKENS = 8
+
+
+def _few_token_experts(moe: MoE, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
+    """``Σ_k w·FFN_e(x)`` looping over the experts actually chosen (decode-time fast path).
+
+    For one decoding token the sort/grouped-matmul machinery costs more than the two matrix
+    products it organises (measured 5.5 ms vs 4.0 ms per layer, D 576, F 1536, 1 thread).
+    """
+    ex = moe.experts
+    y_TD = torch.zeros_like(x_TD)
+    for e in idx_TK.unique().tolist():
+        if e < 0:
+            continue
+        tok, slot = torch.where(idx_TK == e)
+        y_ND = dense_ffn(x_TD[tok], ex.w_in_EDH[e], ex.w_out_EFD[e], ex.activation)
+        y_TD.index_add_(0, tok, y_ND * w_TK[tok, slot, None].to(y_ND.dtype))
+    return y_TD
 
 
 class CausalLM(nn.Module):

@@ -119,7 +119,7 @@ class EfficientNetLite0(nn.Module):
 
 def preprocess(images: np.ndarray | Tensor) -> Tensor:
     """uint8 RGB ``[B, H, W, 3]`` (or one ``[H, W, 3]``) → float ``[B, 3, H, W]`` in [-1, 1]."""
-    x = torch.as_tensor(np.asarray(images))
+    x = torch.from_numpy(np.array(images, dtype=np.uint8))  # a copy: inputs may be read-only
     if x.ndim == 3:
         x = x[None]
     if x.ndim != 4 or x.shape[-1] != 3:
