@@ -136,3 +136,25 @@ def test_few_token_decode_path_equals_grouped_experts():
         got = _few_token_experts(moe, x, d.indices, d.weights)
     assert len(d.indices.unique()) > 2  # several experts in play
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_input_embeddings_with_a_prefix_generate_like_ids():
+    m = tiny_model()
+    emb = m.embed(IDS).detach()
+    with torch.no_grad():
+        assert torch.equal(m(inputs_embeds=emb).logits, m(IDS).logits)
+    # a soft prefix (what image tokens will be) followed by text: cache == recomputation
+    prefix = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(2))
+    x = torch.cat([prefix, emb], 1)
+    a = generate(m, inputs_embeds=x, max_new_tokens=6)
+    b = generate(m, inputs_embeds=x, max_new_tokens=6, use_cache=False)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, generate(m, IDS, max_new_tokens=6))  # the prefix matters
+
+
+def test_prompt_past_the_context_length_is_a_clear_error():
+    from vlmoe.data.errors import DataError
+
+    m = tiny_model(max_seq_len=16)
+    with pytest.raises(DataError, match="12 tokens \\+ 8 new exceed the context length 16"):
+        generate(m, IDS, max_new_tokens=8)

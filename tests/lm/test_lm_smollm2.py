@@ -68,3 +68,13 @@ def test_upcycled_equals_dense_at_init(smollm2):
     # fp32 rounding differs (two weighted halves vs one FFN) through 30 layers: relative 1e-5
     assert (dense - up).abs().max() < 1e-5 * dense.abs().max()
     assert _answer(moe, tok, PARIS) == "The capital of France is Paris."
+
+
+def test_batched_left_padded_chat_generation(smollm2):
+    model, tok = smollm2
+    questions = [PARIS, "What is 2 + 3? Answer with a number."]
+    ids, mask = tok.pad_left([tok.chat_ids(q) for q in questions])
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=12, stop_ids=[tok.eos_id],
+                   pad_id=tok.pad_id)  # fmt: skip
+    assert tok.decode(out[0]) == "The capital of France is Paris."
+    assert "5" in tok.decode(out[1])

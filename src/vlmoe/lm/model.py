@@ -364,7 +364,9 @@ class CausalLM(nn.Module):
             return ModelOutput(None, None, aux, self.head(h), records)
         return self._with_loss(h, labels, aux, records)
 
-    def _record(self, layer: int, modality: str, out: Any, B: int, L: int, past: int):
+    def _record(
+        self, layer: int, modality: str, out: Any, B: int, L: int, past: int
+    ) -> RoutingRecord:
         b = torch.arange(B).repeat_interleave(L)
         p = torch.arange(past, past + L).repeat(B)
         return RoutingRecord(layer, modality, out.stats, out.routing, torch.stack([b, p], 1))

@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from torch import Tensor
 
 from .errors import WeightsError
 from .gguf import TokenizerData
@@ -108,6 +110,18 @@ class ChatTokenizer:
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Text of ``ids`` (special tokens dropped unless ``skip_special=False``)."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)
+
+    def pad_left(self, rows: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        """Left-pad id lists into ``ids [B, L]`` and ``attention_mask [B, L]`` (1 = token),
+        the layout ``generate`` takes for a batch of prompts of different lengths."""
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), L), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, L - len(r) :] = torch.tensor(list(r))
+                mask[i, L - len(r) :] = 1
+        return ids, mask
 
     def chat_ids(self, question: str, system: str | None = DEFAULT_SYSTEM) -> list[int]:
         """Ids of a one-question ChatML prompt ending with an open assistant turn."""
