@@ -14,6 +14,10 @@ Reported per thread count: median over ``--repeats`` of the whole call (prefill 
 new tokens per second, the prefill alone, and decode-only tokens/s ((total − prefill)/new),
 with ratios to the vlmoe dense row. Load rows: the cold GGUF read (parse + dequantise) and the
 cached load (``load_pretrained`` from the safetensors cache).
+
+On a machine shared with other busy processes, run it with ``OMP_WAIT_POLICY=PASSIVE``: with
+OpenMP's default spinning, 2 threads ran 2-10× slower than 1 thread here while other jobs held
+the cores (every small matmul waits for a descheduled spinning peer).
 """
 
 from __future__ import annotations
