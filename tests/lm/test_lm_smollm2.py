@@ -67,7 +67,6 @@ def test_upcycled_equals_dense_at_init(smollm2):
     assert len(moe.moe_layers()) == 15
     # fp32 rounding differs (two weighted halves vs one FFN) through 30 layers: relative 1e-5
     assert (dense - up).abs().max() < 1e-5 * dense.abs().max()
-    assert _answer(moe, tok, PARIS) == "The capital of France is Paris."
 
 
 def test_batched_left_padded_chat_generation(smollm2):

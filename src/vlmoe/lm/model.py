@@ -161,6 +161,18 @@ def apply_rope(x_BHLd: Tensor, cos_BLd: Tensor, sin_BLd: Tensor) -> Tensor:
     return x_BHLd * cos + rot * sin
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` that normalises in fp32 whatever the input dtype (as LLaMA's reference).
+
+    Why: in bf16 the mean of squares loses enough precision that SmolLM2's greedy answers
+    change (measured: bf16 statistics turned "The capital of France is Paris." into noise).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.rms_norm(x.float(), self.normalized_shape, None, self.eps)
+        return y.to(x.dtype) * self.weight
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE: ``wq [H·Dh, D]``, ``wk``/``wv [G·Dh, D]``."""
 
@@ -211,9 +223,9 @@ class Block(nn.Module):
     def __init__(self, c: LMConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.attn_norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
+        self.attn_norm = RMSNorm(c.d_model, eps=c.norm_eps)
         self.attn = Attention(c)
-        self.ffn_norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
+        self.ffn_norm = RMSNorm(c.d_model, eps=c.norm_eps)
         moe = c.moe is not None and layer in c.moe.layers
         self.ffn: nn.Module = (
             MoE(c.moe.moe_config(c.d_model, c.d_ff)) if moe else DenseFFN(c.d_model, c.d_ff)
@@ -271,7 +283,7 @@ class CausalLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = (
             None
             if config.tie_embeddings
