@@ -158,3 +158,16 @@ def test_prompt_past_the_context_length_is_a_clear_error():
     m = tiny_model(max_seq_len=16)
     with pytest.raises(DataError, match="12 tokens \\+ 8 new exceed the context length 16"):
         generate(m, IDS, max_new_tokens=8)
+
+
+def test_upcycled_model_rebuilds_from_its_config_dict():
+    import json
+
+    from vlmoe.lm import CausalLM, LMConfig
+
+    m = upcycle(tiny_model(), num_experts=3, top_k=1, layers=[1], noise=0.1)
+    again = CausalLM(LMConfig(**json.loads(json.dumps(m.config.to_dict())))).eval()
+    again.load_state_dict(m.state_dict())
+    assert again.moe_layers() == [1] and again.config == m.config
+    with torch.no_grad():
+        assert torch.equal(again(IDS).logits, m(IDS).logits)
