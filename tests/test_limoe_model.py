@@ -182,3 +182,30 @@ def test_tiny_model_fits_one_batch_of_caption_pairs(pairs, tok):
     # measured: 0.87 against a floor of 0.76 (lr 1e-3, 60 steps, seed 0)
     assert float(out.task_loss) < floor + 0.3, (first, float(out.task_loss), floor)
     assert int(out.metrics["correct"]) == 32
+
+
+def test_entropy_loss_gradients_push_the_right_way():
+    from vlmoe.moe import global_entropy_loss, local_entropy_loss
+
+    # hand-made routing over 4 experts: 6 image tokens spread out, 3 text tokens collapsed
+    # onto expert 0 (the LIMoE failure mode), each token fairly unsure
+    img = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]] * 2)
+    txt = torch.tensor([[1.0, 0.2, 0.0, 0.0], [1.0, 0.0, 0.2, 0.0], [1.0, 0.0, 0.0, 0.2]])
+    logits = torch.cat([img, txt]).requires_grad_(True)
+    groups = torch.tensor([0] * 6 + [1] * 3)
+
+    def text_marginal_entropy(lg):
+        return float(_entropy(lg.detach()[6:].softmax(-1).mean(0)))
+
+    def mean_token_entropy(lg):
+        return float(_entropy(lg.detach().softmax(-1)).mean())
+
+    g_glob = torch.autograd.grad(global_entropy_loss(logits.softmax(-1), None, groups), logits)[0]
+    g_loc = torch.autograd.grad(local_entropy_loss(logits.softmax(-1), None, groups), logits)[0]
+    step = 0.5
+    # global: descending spreads the text tokens over more experts, and pushes mostly on text
+    # (text's marginal is far from uniform, the images' is nearer)
+    assert text_marginal_entropy(logits - step * g_glob) > text_marginal_entropy(logits) + 1e-3
+    assert g_glob[6:, 0].mean() > 0 and g_glob[6:].abs().sum() > g_glob[:6].abs().sum()
+    # local: descending makes every token's routing more confident
+    assert mean_token_entropy(logits - step * g_loc) < mean_token_entropy(logits) - 1e-3
