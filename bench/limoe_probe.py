@@ -78,7 +78,7 @@ def train(model: LIMoE, train_set, tok, args) -> tuple[list[float], list[float],
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             times.append(1000 * (time.perf_counter() - t0))
-            losses.append(float(out.task_loss))
+            losses.append(float(out.task_loss.detach()))
             last_routing = out.routing
             step += 1
         epoch += 1

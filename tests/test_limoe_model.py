@@ -209,3 +209,42 @@ def test_entropy_loss_gradients_push_the_right_way():
     assert g_glob[6:, 0].mean() > 0 and g_glob[6:].abs().sum() > g_glob[:6].abs().sum()
     # local: descending makes every token's routing more confident
     assert mean_token_entropy(logits - step * g_loc) < mean_token_entropy(logits) - 1e-3
+
+
+def test_config_and_weights_round_trip(tmp_path, pairs, tok):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from vlmoe.limoe_config import LIMOE_PRESETS, LIMoERunConfig
+
+    for name, preset in LIMOE_PRESETS.items():
+        cfg = preset()
+        again = LIMoERunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+        assert again == cfg, name
+    m = _model(tok)
+    save_file(m.state_dict(), tmp_path / "model.safetensors")
+    m2 = _model(tok, seed=1)
+    m2.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    b = _batch(pairs, tok, 4)
+    m.eval()
+    m2.eval()
+    torch.testing.assert_close(m2.encode_image(b.images), m.encode_image(b.images))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("towers", 3, "model.towers: expected 1 or 2, got 3"),
+        ("image_pool", "max", "model.image_pool"),
+        ("text_pool", "mean", "model.text_pool"),
+        ("moe_layers", (5,), "model.moe_layers"),
+        ("init_temperature", 0.001, "model.init_temperature"),
+    ],
+)
+def test_config_errors_name_the_field(field, value, message):
+    from vlmoe.config import ConfigError
+    from vlmoe.limoe_config import LIMoEConfig
+
+    with pytest.raises(ConfigError, match=message):
+        LIMoEConfig(**{field: value})
