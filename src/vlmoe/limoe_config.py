@@ -99,6 +99,7 @@ class PairDataConfig:
     twemoji: bool = True  #: Twemoji image–name pairs (test emoji unseen in training)
     jsonl: str = ""  #: a JSONL file of {"image", "text"} pairs to train on ("" = none)
     twemoji_test_fraction: float = 0.2  #: share of emoji held out for retrieval tests
+    twemoji_val_fraction: float = 0.1  #: share of emoji held out for validation retrieval
     twemoji_repeat: int = 1  #: emoji pairs repeated this many times per epoch (they are few)
     easyvqa_subset: int = 0  #: use only the first N easy-VQA train pairs (0 = all)
     twemoji_subset: int = 0  #: use only the first N emoji per split (0 = all)

@@ -164,3 +164,18 @@ def test_batches_deterministic_sharded_resumable():
     assert b.attention_mask.sum(1).tolist() == [len(tok.encode(p.texts[i])) for i in b.index]
     moved = b.to("cpu")
     assert isinstance(moved, type(b)) and torch.equal(moved.index, b.index)
+
+
+def test_contrastive_splits_of_the_tiny_preset():
+    from vlmoe.data.pairs import contrastive_splits
+    from vlmoe.limoe_config import limoe_tiny
+
+    cfg = limoe_tiny()
+    s = contrastive_splits(cfg.data, cfg.model.image_size)
+    assert set(s) == {"train", "val_zero_shot", "test_zero_shot", "val_retrieval", "test_retrieval"}
+    assert len(s["train"]) == 256 + 64 and len(s["test_zero_shot"]) == 1000
+    assert (s["train"].labels[:256] >= 0).all() and (s["train"].labels[256:] == -1).all()
+    emoji_train = set(s["train"].names[256:])
+    assert not emoji_train & set(s["test_retrieval"].names)
+    assert not emoji_train & set(s["val_retrieval"].names)
+    assert s["train"].images.shape[-1] == 32

@@ -28,6 +28,7 @@ import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -258,6 +259,42 @@ def twemoji_pairs(
         images, [nm for _, nm, _ in picked], torch.full((len(picked),), -1, dtype=torch.long),
         [], [c for c, _, _ in picked], f"twemoji:{split}",
     )  # fmt: skip
+
+
+def contrastive_splits(data: Any, image_size: int, seed: int = 0, val_fraction: float = 0.1) -> dict[str, PairSet]:  # fmt: skip
+    """Every set a contrastive run needs, from a `vlmoe.limoe_config.PairDataConfig`:
+
+    "train"                 easy-VQA train captions + Twemoji train (× ``twemoji_repeat``)
+                            + the JSONL pairs (whichever are switched on)
+    "val_zero_shot"         easy-VQA val captions (``val_fraction`` of the train images)
+    "val_retrieval"         Twemoji val emoji (``twemoji_val_fraction``; absent if 0)
+    "test_zero_shot"        easy-VQA test captions (1,000 images)
+    "test_retrieval"        Twemoji test emoji (unseen in training)
+    ``seed`` picks the easy-VQA val images; the emoji split has its own fixed seed 0 so a
+    run's test emoji never depend on its training seed.
+    """
+    out: dict[str, PairSet] = {}
+    train: list[PairSet] = []
+    if data.easyvqa:
+        vqa = easyvqa_captions("train", image_size, val_fraction, seed)
+        train.append(vqa.subset(range(min(len(vqa), data.easyvqa_subset or len(vqa)))))
+        out["val_zero_shot"] = easyvqa_captions("val", image_size, val_fraction, seed)
+        out["test_zero_shot"] = easyvqa_captions("test", image_size)
+    if data.twemoji:
+        kw = dict(
+            image_size=image_size, test_fraction=data.twemoji_test_fraction,
+            val_fraction=data.twemoji_val_fraction, limit=data.twemoji_subset,
+        )  # fmt: skip
+        train += [twemoji_pairs("train", **kw)] * max(1, data.twemoji_repeat)
+        if data.twemoji_val_fraction > 0:
+            out["val_retrieval"] = twemoji_pairs("val", **kw)
+        out["test_retrieval"] = twemoji_pairs("test", **kw)
+    if data.jsonl:
+        train.append(load_pairs_jsonl(data.jsonl, image_size))
+    if not train:
+        raise DataError("data: no training pairs (switch on easyvqa, twemoji or give jsonl)")
+    out["train"] = concat_pairs(*train)
+    return out
 
 
 # --------------------------------------------------------------------------- JSONL
