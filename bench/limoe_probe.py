@@ -81,6 +81,9 @@ def train(model: LIMoE, train_set, tok, args) -> tuple[list[float], list[float],
             losses.append(float(out.task_loss.detach()))
             last_routing = out.routing
             step += 1
+            if step % 25 == 0:
+                print(f"  step {step}: loss {statistics.mean(losses[-25:]):.3f}, "
+                      f"{statistics.median(times[-25:]):.0f} ms/step", flush=True)  # fmt: skip
         epoch += 1
     return losses, times, last_routing
 
@@ -102,6 +105,7 @@ def run_variant(name: str, data, args) -> dict:
     train_set, test_vqa, test_emoji, seen, tok = data
     cfg = (limoe() if name == "limoe" else limoe_dense()).model
     cfg = dataclasses.replace(cfg, vocab_size=tok.vocab_size)
+    print(f"{name}:", flush=True)
     torch.manual_seed(args.seed)
     model = LIMoE(cfg)
     total, active = model.param_counts()
