@@ -105,6 +105,12 @@ def run_variant(name: str, data, args) -> dict:
     train_set, test_vqa, test_emoji, seen, tok = data
     cfg = (limoe() if name == "limoe" else limoe_dense()).model
     cfg = dataclasses.replace(cfg, vocab_size=tok.vocab_size)
+    if args.entropy_weight is not None and name == "limoe":
+        moe = dataclasses.replace(
+            cfg.moe, local_entropy_weight=args.entropy_weight,
+            global_entropy_weight=args.entropy_weight,
+        )  # fmt: skip
+        cfg = dataclasses.replace(cfg, moe=moe)
     print(f"{name}:", flush=True)
     torch.manual_seed(args.seed)
     model = LIMoE(cfg)
@@ -156,6 +162,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="emoji pairs repeated per epoch")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", nargs="+", default=["limoe", "dense"])
+    ap.add_argument(
+        "--entropy-weight", type=float, default=None,
+        help="LIMoE local and global entropy loss weights (default: the preset's 0.01)",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = load(args.repeat)
