@@ -154,8 +154,11 @@ def limoe() -> LIMoERunConfig:
     64×64 images as 16 patch tokens (conv stem), D=128, one 4-block tower shared by images and
     words, the shared pool of 8 experts (hidden 256, top-1) in blocks 1 and 3, entropy losses
     per modality (global threshold log 3); embeddings 128-d; batch 128, AdamW 1e-3.
-    Run time and result: not yet measured with the trainer; the probe
-    `python bench/limoe_probe.py` (a shorter run) is in its docstring.
+    Run time and result with the trainer: not yet measured. A probe (plain loop, 400 steps of
+    batch 128 ≈ 7.4 epochs of its 6,942 pairs, 1 thread on a busy 2-core machine, 7.7 min):
+    easy-VQA zero-shot 71.5% on the 1,000 test images (the dense twin: 94.2%); unseen-emoji
+    retrieval i2t R@1 3.6% / R@5 14.4% of 278 (dense 3.6% / 15.8%). Both still improving:
+    ``python bench/limoe_probe.py --steps 400 --warmup 40``.
     """
     return LIMoERunConfig(
         model=LIMoEConfig(moe=_moe(8, 1, 3)),
