@@ -179,7 +179,7 @@ def test_tiny_model_fits_one_batch_of_caption_pairs(pairs, tok):
     with torch.no_grad():
         out = m(b)
     assert first > floor + 2.0
-    # measured: 0.87 against a floor of 0.76 (lr 1e-3, 60 steps, seed 0)
+    # measured: 0.78 against a floor of 0.76 (lr 1e-3, 60 steps, seed 0)
     assert float(out.task_loss) < floor + 0.3, (first, float(out.task_loss), floor)
     assert int(out.metrics["correct"]) == 32
 
