@@ -21,9 +21,25 @@ from vlmoe.data.easyvqa import easyvqa_answers, load_easyvqa
 from vlmoe.data.errors import DataError
 from vlmoe.data.images import decode_image_bytes, decode_images, load_image, load_images
 from vlmoe.data.jsonl import load_data, load_jsonl
+from vlmoe.data.pairs import (
+    EASYVQA_CAPTIONS,
+    PairBatch,
+    PairSet,
+    easyvqa_captions,
+    iterate_pair_batches,
+    load_pairs_jsonl,
+    twemoji_pairs,
+)
 from vlmoe.data.tokenizer import WordTokenizer
 
 __all__ = [
+    "EASYVQA_CAPTIONS",
+    "PairBatch",
+    "PairSet",
+    "easyvqa_captions",
+    "iterate_pair_batches",
+    "load_pairs_jsonl",
+    "twemoji_pairs",
     "IGNORE_INDEX",
     "QUESTION_KINDS",
     "Batch",
