@@ -29,7 +29,7 @@ from vlmoe.config import ConfigError, RunConfig
 from vlmoe.data import DataError, WordTokenizer
 from vlmoe.data.errors import one_line
 from vlmoe.models import VLMoE, build_model
-from vlmoe.validate import check_finite_state, estimate_params
+from vlmoe.validate import _is_unicode, check_finite_state, estimate_params
 
 FORMAT = "vlmoe-checkpoint/2"  # /2: one DenseFFN layout, trainer state without pickle
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
@@ -235,7 +235,7 @@ def _read_config(f: Path) -> tuple[RunConfig, list[str]]:
     answers = meta["answers"]
     n = config.model.num_answers
     if not isinstance(answers, list) or not all(
-        isinstance(a, str) and a.strip() and _utf8(a) for a in answers
+        isinstance(a, str) and a.strip() and _is_unicode(a) for a in answers
     ):
         raise CheckpointError(f"{f}: answers: expected a list of non-empty strings")
     if len(set(answers)) != len(answers) or len(answers) != n:
@@ -244,14 +244,6 @@ def _read_config(f: Path) -> tuple[RunConfig, list[str]]:
             f"{len(answers)} with {len(set(answers))} distinct"
         )
     return config, answers
-
-
-def _utf8(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _read_weights(f: Path, config: RunConfig) -> dict[str, torch.Tensor]:

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmoe.limoe_config import LIMoEConfig
-from vlmoe.models.blocks import Attention, DenseFFN
-from vlmoe.models.output import ModelOutput, RoutingRecord
+from vlmoe.models.blocks import Attention
+from vlmoe.models.output import ModelOutput, RoutingRecord, init_linear
 from vlmoe.models.text import TextEmbedding
 from vlmoe.models.vision import ConvStem
-from vlmoe.moe import MoE, MoEConfig, MoEOutput, RoutingDecision
+from vlmoe.moe import DenseFFN, MoE, MoEConfig, MoEOutput, RoutingDecision, model_param_counts
 
 if TYPE_CHECKING:
     from vlmoe.data.pairs import PairBatch
@@ -179,7 +179,7 @@ class LIMoE(nn.Module):
         self.proj_image = nn.Linear(D, cfg.embed_dim, bias=False)
         self.proj_text = nn.Linear(D, cfg.embed_dim, bias=False)
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
-        self.apply(_init_linear)
+        self.apply(init_linear)
 
     # ------------------------------------------------------------------ inputs / pooling
     def _image_stream(self, images: torch.Tensor) -> _Stream:
@@ -278,10 +278,7 @@ class LIMoE(nn.Module):
         """(total parameters, parameters active per token): each MoE block counts its
         router + top-k experts as active; everything else is active. With two towers a
         token only passes through one of them, so one tower's share is counted."""
-        moes = [m for m in self.modules() if isinstance(m, MoE)]
-        total = sum(p.numel() for p in self.parameters())
-        moe_total = sum(p.numel() for m in moes for p in m.parameters())
-        active = total - moe_total + sum(m.param_counts()[1] for m in moes)
+        total, active = model_param_counts(self)
         if self.text_tower is not None:
             active -= sum(p.numel() for p in self.text_tower.parameters())
         return total, active
@@ -307,13 +304,6 @@ def contrastive_loss(logits_BB: torch.Tensor, positives_BB: torch.Tensor | None 
     i2t = -(p_BB / p_BB.sum(1, keepdim=True) * F.log_softmax(logits_BB.float(), 1)).sum(1)
     t2i = -(p_BB.T / p_BB.T.sum(1, keepdim=True) * F.log_softmax(logits_BB.float().T, 1)).sum(1)
     return 0.5 * (i2t.mean() + t2i.mean())
-
-
-def _init_linear(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 def build_limoe(cfg: LIMoEConfig) -> LIMoE:

@@ -57,3 +57,12 @@ class ModelOutput:
     logits: torch.Tensor | None = None
     routing: list[RoutingRecord] = field(default_factory=list)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def init_linear(m: torch.nn.Module) -> None:
+    """The transformer-wide init of every ``nn.Linear``: truncated normal std 0.02, zero bias
+    (BEiT / ViT practice; FFN weights follow ``vlmoe.moe.init_ffn_`` instead)."""
+    if isinstance(m, torch.nn.Linear):
+        torch.nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            torch.nn.init.zeros_(m.bias)

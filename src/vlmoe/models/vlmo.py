@@ -18,9 +18,10 @@ from torch import nn
 from vlmoe.config import ModelConfig
 from vlmoe.models.blocks import MultiwayBlock
 from vlmoe.models.heads import AnswerHead
-from vlmoe.models.output import ModelOutput, RoutingRecord
+from vlmoe.models.output import ModelOutput, RoutingRecord, init_linear
 from vlmoe.models.text import TextEmbedding
 from vlmoe.models.vision import ConvStem
+from vlmoe.moe import model_param_counts
 
 __all__ = ["ModelOutput", "RoutingRecord", "VLMoE", "build_model"]
 
@@ -66,7 +67,7 @@ class VLMoE(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(D)
         self.head = AnswerHead(D, cfg.num_answers)
-        self.apply(_init_linear)
+        self.apply(init_linear)
 
     def encode(
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -109,21 +110,7 @@ class VLMoE(nn.Module):
         counts, so under expert parallelism (each rank holds a slice of the experts) this still
         counts the full model.
         """
-        from vlmoe.moe import MoE
-
-        moes = [m for m in self.modules() if isinstance(m, MoE)]
-        local = sum(p.numel() for p in self.parameters())
-        moe_local = sum(p.numel() for m in moes for p in m.parameters())
-        counts = [m.param_counts() for m in moes]
-        rest = local - moe_local
-        return rest + sum(t for t, _ in counts), rest + sum(a for _, a in counts)
-
-
-def _init_linear(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+        return model_param_counts(self)
 
 
 def build_model(cfg: ModelConfig) -> VLMoE:

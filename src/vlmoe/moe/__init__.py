@@ -53,7 +53,7 @@ from .experts import (
     sort_by_expert,
 )
 from .hf import from_hf_mixtral, mixtral_block, to_hf_mixtral
-from .layer import IMPLS, MoE, MoEConfig, MoEOutput, MoEStats
+from .layer import IMPLS, MoE, MoEConfig, MoEOutput, MoEStats, model_param_counts
 from .losses import (
     global_entropy_loss,
     importance_loss,
@@ -100,6 +100,7 @@ __all__ = [
     "grouped_ffn",
     "importance_loss",
     "keep_freed_memory",
+    "model_param_counts",
     "load_balance_loss",
     "load_loss",
     "local_entropy_loss",

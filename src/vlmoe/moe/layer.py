@@ -337,3 +337,17 @@ class MoE(nn.Module):
 
 
 __all__ = ["MoEConfig", "MoE", "MoEOutput", "MoEStats", "IMPLS"]
+
+
+def model_param_counts(model: nn.Module) -> tuple[int, int]:
+    """``(total, active per token)`` parameters of any model holding ``MoE`` layers.
+
+    Each MoE layer reports its own whole-layer counts (router + shared + top-k experts
+    active), so under expert parallelism — each rank holding a slice of the experts — this
+    still counts the full model; every other parameter is active.
+    """
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    local = sum(p.numel() for p in model.parameters())
+    rest = local - sum(p.numel() for m in moes for p in m.parameters())
+    counts = [m.param_counts() for m in moes]
+    return rest + sum(t for t, _ in counts), rest + sum(a for _, a in counts)
