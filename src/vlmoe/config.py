@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmoe.data.augment import AugmentConfig
 from vlmoe.moe import MoEConfig
 
 
@@ -117,8 +118,16 @@ class TrainConfig:
     collapse_patience: int = 3  #: … or an expert stays under 1%, for this many routing checks
     eval_batch_size: int = 512  #: batch size for validation and test
     hflip: bool = True  #: random horizontal flips of training images (answers are flip-invariant)
+    #: answer-preserving image augmentations (background shade, zoom, rotation, resampling,
+    #: blur, noise, JPEG; never hue) — see `vlmoe.data.augment`; all off by default
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.augment, dict):  # from config.json
+            try:
+                self.augment = AugmentConfig(**self.augment)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"train.augment: {e}") from None
         if self.epochs <= 0:
             raise ConfigError(f"train.epochs: expected > 0, got {self.epochs}")
         if self.batch_size <= 0:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from vlmoe.checkpoint import load_checkpoint, load_trainer_state
 from vlmoe.config import RunConfig
 from vlmoe.data import VQASplit, WordTokenizer, iterate_batches, load_data, num_batches
+from vlmoe.data.augment import augment_generator, augment_images
 from vlmoe.distributed import Dist
 from vlmoe.evaluate import EvalResult
 from vlmoe.models import VLMoE, build_model
@@ -249,6 +250,9 @@ def train(
                 images = torch.where(
                     flip.to(images.device)[:, None, None, None], images.flip(-1), images
                 )
+            if tc.augment.enabled:  # answer-preserving, never hue; a function of (seed, step)
+                gen = augment_generator(tc.seed, step)
+                images = augment_images(images, tc.augment, gen, dist.world_size, dist.rank)
             outp = model(images, batch.input_ids, batch.attention_mask, batch.labels)
             opt.zero_grad(set_to_none=True)
             outp.loss.backward()

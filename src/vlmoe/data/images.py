@@ -39,18 +39,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def fit_image(img: Image.Image, size: int) -> np.ndarray:
+    """A decoded PIL image as the model sees it: RGB uint8 [size, size, 3] (a writable copy)."""
+    img = _to_rgb(img)
+    if img.size != (size, size):
+        # Stretch rather than crop: in VQA the object asked about may sit anywhere.
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.array(img, dtype=np.uint8)
+
+
 def _decode(path: str | os.PathLike, size: int) -> np.ndarray:
     """Decode one file to a uint8 array [S, S, 3]; raises DataError naming the path."""
     try:
         with Image.open(path) as img:
             # JPEG can decode at 1/2, 1/4, 1/8 scale for free; never below the target size.
             img.draft("RGB", (size, size))
-            img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
-            if img.size != (size, size):
-                # Stretch rather than crop: in VQA the object asked about may sit anywhere.
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
-            return np.array(img, dtype=np.uint8)  # a writable copy for torch.from_numpy
+            return fit_image(ImageOps.exif_transpose(img), size)
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except IsADirectoryError:
