@@ -90,3 +90,21 @@ def test_off_by_default_and_validated():
     assert RunConfig.from_dict(cfg.to_dict()).train.augment == ALL
     with pytest.raises(ConfigError, match="train.augment"):
         RunConfig.from_dict({"train": {"augment": {"hue": 0.1}}})
+
+
+def test_training_applies_the_augmentation_deterministically(tmp_path):
+    from vlmoe.checkpoint import load_checkpoint
+    from vlmoe.config import get_preset
+    from vlmoe.train import train
+
+    def weights(name: str, augment: AugmentConfig) -> dict[str, torch.Tensor]:
+        cfg = get_preset("tiny")
+        cfg.train.augment = augment
+        train(cfg, tmp_path / name, stop_after=4, progress=False, log=lambda s: None)
+        ck = load_checkpoint(tmp_path / name)
+        assert ck.config.train.augment == augment  # recorded in config.json
+        return ck.model.state_dict()
+
+    a, b, plain = weights("a", ALL), weights("b", ALL), weights("plain", AugmentConfig())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], plain[k]) for k in a)
