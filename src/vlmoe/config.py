@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmoe.data.augment import AugmentConfig
 from vlmoe.moe import MoEConfig
 from vlmoe.validate import check_fields, check_range
 
@@ -165,8 +166,16 @@ class TrainConfig:
     max_skipped: int = 100  #: with nonfinite="skip": stop after this many skipped steps
     #: the stages of a staged recipe, run in order (empty = one stage of every parameter)
     stages: tuple[StageConfig, ...] = ()
+    #: answer-preserving image augmentations (background shade, zoom, rotation, resampling,
+    #: blur, noise, JPEG; never hue) — see `vlmoe.data.augment`; all off by default
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.augment, dict):  # from config.json
+            try:
+                self.augment = AugmentConfig(**self.augment)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"train.augment: {e}") from None
         self.stages = tuple(
             s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages
         )

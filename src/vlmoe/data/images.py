@@ -41,6 +41,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def fit_image(img: Image.Image, size: int) -> np.ndarray:
+    """A decoded PIL image as the model sees it: RGB uint8 [size, size, 3] (a writable copy)."""
+    img = _to_rgb(img)
+    if img.size != (size, size):
+        # Stretch rather than crop: in VQA the object asked about may sit anywhere.
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.array(img, dtype=np.uint8)
+
+
 def _decode(
     src: str | os.PathLike | BinaryIO,
     size: int,
@@ -60,12 +69,7 @@ def _decode(
                 )
             # JPEG can decode at 1/2, 1/4, 1/8 scale for free; never below the target size.
             img.draft("RGB", (size, size))
-            img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
-            if img.size != (size, size):
-                # Stretch rather than crop: in VQA the object asked about may sit anywhere.
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
-            return np.array(img, dtype=np.uint8)  # a writable copy for torch.from_numpy
+            return fit_image(ImageOps.exif_transpose(img), size)
     except DataError:
         raise  # ours, already naming the file (DataError is a ValueError, caught below)
     except FileNotFoundError:

@@ -17,6 +17,7 @@ from torch import nn
 
 from vlmoe.config import ConfigError, RunConfig, StageConfig
 from vlmoe.data import Batch, VQASplit, WordTokenizer, iterate_batches, load_data, num_batches
+from vlmoe.data.augment import augment_generator, augment_images
 from vlmoe.evaluate import EvalResult, evaluate
 from vlmoe.models import build_model
 from vlmoe.validate import check_batch_fits
@@ -107,9 +108,13 @@ class VQATask:
             max_len=self.cfg.model.max_text_len, start_batch=start, rank=rank,
             world_size=world_size,
         )  # fmt: skip
+        per_epoch = self.batches_per_epoch(batch_size)
         for i, batch in enumerate(batches, start):
             if t.hflip:
                 batch.images = hflip(batch.images, (t.seed, epoch, i), rank, world_size)
+            if t.augment.enabled:  # answer-preserving, never hue; a function of (seed, step)
+                gen = augment_generator(t.seed, epoch * per_epoch + i)
+                batch.images = augment_images(batch.images, t.augment, gen, world_size, rank)
             yield batch
 
     def evaluate(self, model: nn.Module, split: str, device: str) -> EvalResult | None:

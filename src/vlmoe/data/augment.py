@@ -1,0 +1,267 @@
+"""Training augmentations that keep every easy-VQA answer true.
+
+An easy-VQA answer is the shape's colour class (one of 8 exact RGB colours), its kind
+(rectangle, circle, triangle), or a yes/no about either. So the shape may move, grow, shrink,
+be resampled, blurred, compressed, noised, lit a little brighter or darker, and the background
+may take another light shade — but the shape's hue never changes, and the shape stays whole in
+view. Nothing here jitters hue: colour stays exactly learnable.
+
+Shapes: B local batch rows, N = B · world_size global rows, S image side. Images are the
+model's input, normalised floats [B, 3, S, S] in [-1, 1] ((uint8 / 255 − 0.5) / 0.5).
+
+Determinism: every random number comes from the `torch.Generator` passed in, drawn for the
+whole global batch of N rows; rank r keeps rows r·B … (r+1)·B − 1. Each row is then processed
+on its own, so a row's result does not depend on which other rows share its process: one
+process and two give the same images (the hflip rule, `Dist.rank_slice`).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+@dataclass
+class AugmentConfig:
+    """Which answer-preserving augmentations to apply in training; 0 switches one off."""
+
+    background: float = 0.0  #: darken each background channel by up to this (0..255 units)
+    brightness: float = 0.0  #: multiply the image by a factor in [1 − b, 1 + b] (b ≤ 0.2)
+    zoom: float = 0.0  #: rescale the shape by [1/(1+z), 1+z] and move it, kept whole in view
+    rotate: float = 0.0  #: rotate the shape by up to ± this many degrees (kept whole in view)
+    #: probability of an upside-down flip (with rotate ≥ 30 it gives triangles every
+    #: orientation: apex up ± 30° and apex down ± 30° cover their 120° period)
+    vflip: float = 0.0
+    resample: float = 0.0  #: probability of a down-and-up resample through a side in [S/2, S)
+    blur: float = 0.0  #: Gaussian blur with sigma uniform in [0, blur] pixels
+    noise: float = 0.0  #: Gaussian noise with std uniform in [0, noise] (0..255 units)
+    jpeg: float = 0.0  #: probability of a JPEG round trip at quality 20..90
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 0:
+                raise ValueError(
+                    f"train.augment.{f.name}: expected >= 0, got {getattr(self, f.name)}"
+                )
+        # brighter or darker by more than a fifth starts to move colours across classes
+        # (red × 0.65 is nearer brown than red): refuse it rather than teach wrong answers
+        if self.brightness > 0.2:
+            raise ValueError(f"train.augment.brightness: expected <= 0.2, got {self.brightness}")
+        if max(self.resample, self.jpeg, self.vflip) > 1:
+            raise ValueError(
+                "train.augment.resample, .jpeg, .vflip are probabilities: expected <= 1"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return any(getattr(self, f.name) > 0 for f in fields(self))
+
+
+def augment_generator(seed: int, step: int) -> torch.Generator:
+    """The generator for optimiser step `step` of a run seeded `seed`: a pure function of
+    both, so a resumed run draws what the uninterrupted one did."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + 0x5EED)
+
+
+@dataclass
+class _Params:
+    """Per-row random draws, [N] each (N rows of the global batch)."""
+
+    bg_shift: torch.Tensor  # [N, 3] in [0, 1]
+    bright: torch.Tensor
+    zoom_u: torch.Tensor  # uniform [0, 1): log-scale position in the allowed range
+    angle_u: torch.Tensor
+    vflip_u: torch.Tensor
+    pos: torch.Tensor  # [N, 2] uniform [0, 1): where the shape goes in its free room
+    resample_p: torch.Tensor
+    resample_u: torch.Tensor
+    blur_u: torch.Tensor
+    noise_u: torch.Tensor
+    noise_seed: torch.Tensor
+    jpeg_p: torch.Tensor
+    jpeg_u: torch.Tensor
+
+    def rows(self, sl: slice) -> _Params:
+        return _Params(**{f.name: getattr(self, f.name)[sl] for f in fields(self)})
+
+
+def _draw(n: int, gen: torch.Generator) -> _Params:
+    # always the same draws in the same order, whichever augmentations are on
+    def u(*shape: int) -> torch.Tensor:
+        return torch.rand(n, *shape, generator=gen)
+
+    return _Params(
+        bg_shift=u(3),
+        bright=u(),
+        zoom_u=u(),
+        angle_u=u(),
+        vflip_u=u(),
+        pos=u(2),
+        resample_p=u(),
+        resample_u=u(),
+        blur_u=u(),
+        noise_u=u(),
+        noise_seed=torch.randint(0, 2**62, (n,), generator=gen),
+        jpeg_p=u(),
+        jpeg_u=u(),
+    )
+
+
+def augment_images(
+    images_BCHW: torch.Tensor,
+    cfg: AugmentConfig,
+    gen: torch.Generator,
+    world_size: int = 1,
+    rank: int = 0,
+) -> torch.Tensor:
+    """Augment this rank's rows of a global batch; returns a new tensor [B, 3, S, S].
+
+    Pure: the input is not modified; the output depends only on the input rows, `cfg` and the
+    generator's state (which advances). See the module docstring for what is preserved.
+    """
+    b = images_BCHW.shape[0]
+    p = _draw(b * world_size, gen).rows(slice(rank * b, (rank + 1) * b))
+    # Many small per-row ops: on one thread they cost ~1/20 of what they do across two
+    # threads on a busy CPU (each parallel region waits for a descheduled worker).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = _augment_rows(images_BCHW, cfg, p)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _augment_rows(images_BCHW: torch.Tensor, cfg: AugmentConfig, p: _Params) -> torch.Tensor:
+    dev = images_BCHW.device
+    # one working copy in [0, 1], then in-place steps: fresh 6 MB tensors per op cost more
+    # than the arithmetic on a busy CPU
+    u = images_BCHW.detach().to("cpu", torch.float32, copy=True).add_(1).mul_(0.5)
+    if cfg.vflip > 0:
+        flip = p.vflip_u < cfg.vflip
+        u[flip] = u[flip].flip(-2)
+    if cfg.zoom > 0 or cfg.rotate > 0:
+        u = _zoom(u, cfg.zoom, cfg.rotate, p)
+    if cfg.background > 0:
+        shift = p.bg_shift * (cfg.background / 255)
+        u.sub_(_background_weight(u) * shift[:, :, None, None])
+    if cfg.brightness > 0:
+        u.mul_((1 + cfg.brightness * (2 * p.bright - 1))[:, None, None, None])
+    u.clamp_(0, 1)
+    if cfg.resample > 0:
+        _resample_(u, cfg.resample, p)
+    if cfg.blur > 0:
+        _blur_(u, p.blur_u * cfg.blur)
+    if cfg.noise > 0:
+        _noise_(u, p.noise_u * (cfg.noise / 255), p.noise_seed)
+    if cfg.jpeg > 0:
+        _jpeg_(u, cfg.jpeg, p)
+    return u.clamp_(0, 1).mul_(2).sub_(1).to(dev, images_BCHW.dtype)
+
+
+def _background_weight(u: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, S] in [0, 1]: 1 on the light background, 0 on the shape.
+
+    The background has every channel ≥ 230/255; no easy-VQA colour has its smallest channel
+    above 128/255 (gray), so the smallest channel tells them apart, with a ramp for the
+    anti-aliased rim.
+    """
+    lo, hi = 150 / 255, 215 / 255
+    return ((u.amin(1, keepdim=True) - lo) / (hi - lo)).clamp(0, 1)
+
+
+def _shape_box(w_bg: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(found [B] bool, centre x, centre y, width, height [B]) of the non-background pixels."""
+    s = w_bg.shape[-1]
+    mask = w_bg[:, 0] < 0.75
+    ys, xs = mask.any(2), mask.any(1)  # [B, S]: rows / columns the shape touches
+    idx = torch.arange(s, dtype=torch.float32)
+    x0, x1 = torch.where(xs, idx, s).amin(1), torch.where(xs, idx, -1).amax(1)
+    y0, y1 = torch.where(ys, idx, s).amin(1), torch.where(ys, idx, -1).amax(1)
+    ok = (x1 >= x0) & (y1 >= y0)
+    return ok, (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0 + 1).clamp_min(1), (y1 - y0 + 1).clamp_min(1)
+
+
+def _zoom(u: torch.Tensor, zoom: float, rotate: float, p: _Params) -> torch.Tensor:
+    """Rotate and rescale each image about its shape, and move the shape to a random place.
+
+    The shape's bounding box (pixels that are not background) sets how far it may grow: the
+    scale is log-uniform in [1/(1+zoom), 1+zoom], capped so that the rotated box still fits
+    with a pixel to spare. Uncovered area is filled with the image's own background colour.
+    """
+    n, _, s, _ = u.shape
+    w_bg = _background_weight(u)
+    bg = (u * w_bg).sum((2, 3)) / w_bg.sum((2, 3)).clamp_min(1e-6)  # [B, 3]
+    ok, cx, cy, w, h = _shape_box(w_bg)
+    ang = torch.deg2rad((2 * p.angle_u - 1) * rotate)
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    rw, rh = w * cos.abs() + h * sin.abs(), w * sin.abs() + h * cos.abs()
+    fit = ((s - 2) / (torch.maximum(rw, rh) + 2)).clamp_min(1e-3)
+    scale = torch.exp((2 * p.zoom_u - 1) * math.log1p(zoom)).minimum(fit)
+    # where the box's centre goes: anywhere that keeps the scaled, rotated box inside
+    lo_x, lo_y = 1 + scale * rw / 2, 1 + scale * rh / 2
+    ox = lo_x + p.pos[:, 0] * (s - 1 - 2 * lo_x + 1).clamp_min(0)
+    oy = lo_y + p.pos[:, 1] * (s - 1 - 2 * lo_y + 1).clamp_min(0)
+    # output pixel q shows input pixel A (q − o) + c, A = R(−angle) / scale; in grid_sample's
+    # [-1, 1] coordinates (align_corners=False): x_in = A x_out + t, t = (A·(S−1)𝟙 + 2b + 𝟙)/S − 𝟙
+    a = (
+        torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)
+        / scale[:, None, None]
+    )
+    b = torch.stack([cx, cy], 1) - (a @ torch.stack([ox, oy], 1)[:, :, None])[:, :, 0]
+    t = ((a.sum(2) * (s - 1)) + 2 * b + 1) / s - 1
+    theta = torch.cat([a, t[:, :, None]], 2)
+    theta[~ok] = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])  # no shape found: leave the image
+    grid = F.affine_grid(theta, list(u.shape), align_corners=False)
+    centred = u.sub_(bg[:, :, None, None])  # u is the caller's working copy
+    out = F.grid_sample(centred, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.add_(bg[:, :, None, None])
+
+
+def _resample_(u: torch.Tensor, prob: float, p: _Params) -> None:
+    """In place, with probability `prob` per row: down to a side in [S/2, S), then back up."""
+    s = u.shape[-1]
+    for i in torch.nonzero(p.resample_p < prob).flatten().tolist():
+        side = s // 2 + int(p.resample_u[i] * (s - s // 2))
+        small = F.interpolate(u[i : i + 1], size=side, mode="bilinear", antialias=True)
+        u[i] = F.interpolate(small, size=s, mode="bilinear", align_corners=False)[0]
+
+
+def _blur_(u: torch.Tensor, sigma: torch.Tensor) -> None:
+    """In place: separable Gaussian blur, one sigma per row (7 taps, edges replicated).
+
+    A grouped convolution with one kernel per (row, channel): each row is blurred by its own
+    kernel alone, so its result does not depend on the other rows."""
+    r, (b, c, s, _) = 3, u.shape
+    taps = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-(taps[None] ** 2) / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B·3, 7]
+    rows = torch.nonzero(sigma >= 0.3).flatten()  # below 0.3 px the kernel is ~a delta: skip
+    k, m = k.view(b, c, -1)[rows].reshape(-1, 2 * r + 1), rows.numel() * c
+    x = u[rows].view(1, m, s, s)
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(m, 1, -1, 1), groups=m)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(m, 1, 1, -1), groups=m)
+    u[rows] = x.view(-1, c, s, s)
+
+
+def _noise_(u: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor) -> None:
+    """In place: additive Gaussian noise, one std per row, each row's from its own seed."""
+    for i in range(u.shape[0]):
+        g = torch.Generator().manual_seed(int(seeds[i]))
+        u[i].add_(torch.randn(u.shape[1:], generator=g).mul_(float(std[i])))
+
+
+def _jpeg_(u: torch.Tensor, prob: float, p: _Params) -> None:
+    """In place, with probability `prob` per row: a JPEG round trip at quality 20..90."""
+    for i in torch.nonzero(p.jpeg_p < prob).flatten().tolist():
+        arr = (u[i].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=20 + int(p.jpeg_u[i] * 71))
+        dec = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), np.float32)
+        u[i] = torch.from_numpy(dec).permute(2, 0, 1) / 255

@@ -1,0 +1,110 @@
+"""Answer-preserving augmentations: colour class kept, shape kept whole, seeded, rank-exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vlmoe.config import ConfigError, RunConfig, TrainConfig
+from vlmoe.data import load_easyvqa
+from vlmoe.data.augment import AugmentConfig, augment_generator, augment_images
+from vlmoe.data.render import COLORS, SHAPES, RenderSpec, render_many
+
+ALL = AugmentConfig(
+    background=60, brightness=0.1, zoom=0.5, rotate=30, vflip=0.5, resample=0.5, blur=1.0,
+    noise=8, jpeg=0.5,
+)  # fmt: skip
+PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255
+
+
+@pytest.fixture(scope="module")
+def batch() -> torch.Tensor:
+    """64 easy-VQA test images as the model receives them: floats in [-1, 1]."""
+    images = load_easyvqa("test").images[:64]
+    return (images.float() / 255 - 0.5) / 0.5
+
+
+def _shape_colour(x: torch.Tensor) -> torch.Tensor:
+    """[B]: the palette index nearest to each image's median shape pixel."""
+    u = (x + 1) / 2
+    out = []
+    for img in u:
+        shape = img.amin(0) < 0.5  # background channels stay ≥ (230 − 60) / 255 · 0.9
+        if not shape.any():  # a light colour (yellow, green): take the darkest third
+            shape = img.amin(0) <= img.amin(0).quantile(0.3)
+        med = img[:, shape].median(1).values
+        out.append(((PALETTE - med) ** 2).sum(1).argmin())
+    return torch.stack(out)
+
+
+def test_augmentation_keeps_every_colour_class():
+    # large shapes (so that the interior, not the blurred rim, decides), every colour × shape
+    scenes = [(c, s) for c in COLORS for s in SHAPES] * 2
+    pics = render_many(scenes, RenderSpec(shape_size=(0.35, 0.5)), seed=0)
+    x = torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1) for p in pics])
+    x = (x.float() / 255 - 0.5) / 0.5
+    want = torch.tensor([list(COLORS).index(c) for c, _ in scenes])
+    assert torch.equal(_shape_colour(x), want)
+    for step in range(3):
+        out = augment_images(x, ALL, augment_generator(0, step))
+        assert out.shape == x.shape and out.min() >= -1 and out.max() <= 1
+        assert torch.equal(_shape_colour(out), want)
+
+
+def test_zoom_and_rotation_keep_the_shape_whole(batch):
+    cfg = AugmentConfig(zoom=0.6, rotate=30, vflip=0.5)
+    out = (augment_images(batch, cfg, augment_generator(1, 0)) + 1) / 2
+    border = torch.cat([out[..., 0, :], out[..., -1, :], out[..., :, 0], out[..., :, -1]], -1)
+    assert border.amin(1).min() > 0.85  # nothing but background on the border
+    moved = ((out - (batch + 1) / 2).abs().amax((1, 2, 3)) > 0.5).float().mean()
+    assert moved > 0.9  # and the shapes did move
+
+
+def test_deterministic_per_seed_and_step_and_pure(batch):
+    before = batch.clone()
+    a = augment_images(batch, ALL, augment_generator(0, 7))
+    b = augment_images(batch, ALL, augment_generator(0, 7))
+    c = augment_images(batch, ALL, augment_generator(0, 8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(batch, before)  # the input is left alone
+
+
+def test_two_processes_get_exactly_the_rows_of_one(batch):
+    whole = augment_images(batch, ALL, augment_generator(3, 11))
+    halves = [
+        augment_images(batch[r * 32 : (r + 1) * 32], ALL, augment_generator(3, 11), 2, r)
+        for r in range(2)
+    ]
+    assert torch.equal(torch.cat(halves), whole)
+
+
+def test_off_by_default_and_validated():
+    assert not AugmentConfig().enabled and ALL.enabled
+    with pytest.raises(ValueError, match="brightness"):
+        AugmentConfig(brightness=0.3)
+    with pytest.raises(ValueError, match="jpeg"):
+        AugmentConfig(jpeg=1.5)
+    # config.json round trip, and a bad field named
+    cfg = RunConfig(train=TrainConfig(augment=ALL))
+    assert RunConfig.from_dict(cfg.to_dict()).train.augment == ALL
+    with pytest.raises(ConfigError, match="train.augment"):
+        RunConfig.from_dict({"train": {"augment": {"hue": 0.1}}})
+
+
+def test_training_applies_the_augmentation_deterministically(tmp_path):
+    from vlmoe.checkpoint import load_checkpoint
+    from vlmoe.config import get_preset
+    from vlmoe.train import train
+
+    def weights(name: str, augment: AugmentConfig) -> dict[str, torch.Tensor]:
+        cfg = get_preset("tiny")
+        cfg.train.augment = augment
+        train(cfg, tmp_path / name, stop_after=4, progress=False, log=lambda s: None)
+        ck = load_checkpoint(tmp_path / name)
+        assert ck.config.train.augment == augment  # recorded in config.json
+        return ck.model.state_dict()
+
+    a, b, plain = weights("a", ALL), weights("b", ALL), weights("plain", AugmentConfig())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], plain[k]) for k in a)
