@@ -1,6 +1,6 @@
 """Crash safety by force: SIGKILL `vlmoe train` at random moments, resume, compare.
 
-    python tests/kill_train.py --kills 50 [--seed 0] [--out /tmp/kill]   # the slow version
+    python tests/kill_train.py --kills 50 [--epochs 8] [--seed 0] [--out /tmp/kill]   # the slow version
 
 Each round starts `vlmoe train` (fresh, or `--resume` once a checkpoint exists) with a
 checkpoint after every step (`--save-every 1`, so many kills land inside a save and its
@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-ARGS = ["--preset", "tiny", "--epochs", "2", "--save-every", "1", "--threads", "1",
-        "--no-progress", "--json"]  # fmt: skip
+ARGS = ["--preset", "tiny", "--save-every", "1", "--threads", "1", "--no-progress", "--json"]
+EPOCHS = {"n": 2}  # tiny: 24 steps an epoch; each kill lets a few steps pass
 
 
 def _cmd(out: Path, resume: bool) -> list[str]:
-    extra = ["--resume"] if resume else ["--overwrite"]
+    extra = ["--resume"] if resume else ["--overwrite", "--epochs", str(EPOCHS["n"])]
     return [sys.executable, "-m", "vlmoe", "train", *ARGS, "--out", str(out), *extra]
 
 
@@ -107,7 +107,9 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/vlmoe-kill")
+    ap.add_argument("--epochs", type=int, default=8, help="length of the run (tiny epochs)")
     a = ap.parse_args()
+    EPOCHS["n"] = a.epochs
     t0 = time.time()
     res = run(Path(a.out), a.kills, a.seed)
     print(json.dumps({**res, "seconds": round(time.time() - t0, 1)}))
