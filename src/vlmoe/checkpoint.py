@@ -148,22 +148,7 @@ def load_checkpoint_meta(path: str | Path) -> tuple[dict[str, Any], list[dict[st
         raise CheckpointError(
             f"{f}: missing (expected a vlmoe checkpoint with {', '.join(REQUIRED)})"
         )
-    try:
-        meta = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CheckpointError(f"{f}: expected format {FORMAT!r}, got {got!r}")
-    metrics: list[dict[str, Any]] = []
-    mpath = d / "metrics.jsonl"
-    if mpath.is_file():
-        for line in mpath.read_text().splitlines():
-            try:
-                metrics.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # metrics are informational; a torn line must not block loading
-    return meta, metrics
+    return _read_meta(f), _read_metrics(d / "metrics.jsonl")
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -173,10 +158,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{f}: missing (expected a vlmoe checkpoint with {', '.join(REQUIRED)})"
         )
-    try:
-        return load_file(str(f))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{f}: cannot read weights ({e})") from None
+    return _load_weights(f)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
@@ -215,8 +197,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     return Checkpoint(d, config, model, tokenizer, answers, _read_metrics(d / "metrics.jsonl"))
 
 
-def _read_config(f: Path) -> tuple[RunConfig, list[str]]:
-    """config.json → (RunConfig, answers); anything malformed → CheckpointError naming it."""
+def _read_meta(f: Path) -> dict[str, Any]:
+    """config.json as a dict, in this format; anything else → CheckpointError naming it."""
     try:
         meta = json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
@@ -226,6 +208,12 @@ def _read_config(f: Path) -> tuple[RunConfig, list[str]]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"{f}: expected format {FORMAT!r}, got {one_line(repr(got))[:80]}")
+    return meta
+
+
+def _read_config(f: Path) -> tuple[RunConfig, list[str]]:
+    """config.json → (RunConfig, answers); anything malformed → CheckpointError naming it."""
+    meta = _read_meta(f)
     if "run" not in meta or "answers" not in meta:
         raise CheckpointError(f"{f}: missing field {'run' if 'run' not in meta else 'answers'!r}")
     try:
@@ -249,10 +237,7 @@ def _read_config(f: Path) -> tuple[RunConfig, list[str]]:
 def _read_weights(f: Path, config: RunConfig) -> dict[str, torch.Tensor]:
     """model.safetensors → state dict, refused if unreadable, far smaller than the model
     config.json describes (which would allocate that model first), or not finite."""
-    try:
-        state = load_file(str(f))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{f}: cannot read weights ({one_line(e)[:200]})") from None
+    state = _load_weights(f)
     held = sum(t.numel() for t in state.values())
     want = estimate_params(config.model)
     if want > 4 * held + 1_000_000:
@@ -265,6 +250,13 @@ def _read_weights(f: Path, config: RunConfig) -> dict[str, torch.Tensor]:
     except DataError as e:
         raise CheckpointError(str(e)) from None
     return state
+
+
+def _load_weights(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: cannot read weights ({one_line(e)[:200]})") from None
 
 
 def _read_metrics(f: Path) -> list[dict[str, Any]]:

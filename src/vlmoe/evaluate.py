@@ -68,8 +68,9 @@ def run_split(
         batch = batch.to(device)
         out = model(batch)
         idx, known = batch.question_index.to(device), batch.labels >= 0
-        pred[idx] = out.logits.argmax(-1).double()
-        hit[idx] = ((out.logits.argmax(-1) == batch.labels) & known).double()
+        top = out.logits.argmax(-1)
+        pred[idx] = top.double()
+        hit[idx] = ((top == batch.labels) & known).double()
         if known.any():
             ce = F.cross_entropy(out.logits[known].float(), batch.labels[known], reduction="sum")
             loss += torch.stack([ce.double(), known.sum().double()])

@@ -383,17 +383,9 @@ def train(
 
         meta, _ = load_checkpoint_meta(out)
         cfg = RunConfig.from_dict(meta["run"])
-        task = task or VQATask(cfg, *_vqa_assets(out, meta))
+        task = task or VQATask.resuming(cfg, out, meta)
     task = task or VQATask(cfg)
     return Trainer(task, out, engine, log, progress).run(resume, stop_after, evaluate_test)
-
-
-def _vqa_assets(out: Path, meta: dict[str, Any]) -> tuple[Any, list[str]]:
-    from vlmoe.checkpoint import resolve_checkpoint_dir
-    from vlmoe.data import WordTokenizer
-
-    d = resolve_checkpoint_dir(out)
-    return WordTokenizer.load(d / "tokenizer.json"), [str(a) for a in meta["answers"]]
 
 
 __all__ = ["StageConfig", "StopSignals", "TrainResult", "Trainer", "train"]

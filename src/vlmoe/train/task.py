@@ -87,6 +87,14 @@ class VQATask:
         self.answers = answers if answers is not None else sorted(set(self.train_split.answers))
         self.cfg = complete_config(cfg, self.tokenizer, self.answers)
 
+    @classmethod
+    def resuming(cls, cfg: RunConfig, out: Path, meta: dict[str, Any]) -> VQATask:
+        """The task of a run resumed from checkpoint ``out``: its tokenizer and answers."""
+        from vlmoe.checkpoint import resolve_checkpoint_dir
+
+        tok = WordTokenizer.load(resolve_checkpoint_dir(out) / "tokenizer.json")
+        return cls(cfg, tok, [str(a) for a in meta["answers"]])
+
     def build_model(self, stage: StageConfig) -> nn.Module:
         return build_model(self.cfg.model)
 
