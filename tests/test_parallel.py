@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_worker import free_port, worker_env
 from parallel_worker import CONFIGS, fixed_batch, tiny_config
 
 from vlmoe.moe import MoE, MoEConfig
@@ -31,22 +31,6 @@ from vlmoe.train.parallel import Engine, describe_failure
 
 HERE = Path(__file__).parent
 WORKER = HERE / "parallel_worker.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker_env(rank: int, world: int, port: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-        VLMOE_DIST_TIMEOUT="30",
-    )  # fmt: skip
-    return env
 
 
 def run_ranks(argv: list[str], world: int = 2, timeout: float = 120) -> list[str]:
