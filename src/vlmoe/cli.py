@@ -25,6 +25,7 @@ if typing.TYPE_CHECKING:
 from vlmoe.checkpoint import CheckpointError
 from vlmoe.config import ConfigError
 from vlmoe.data import DataError
+from vlmoe.families import all_presets
 from vlmoe.train.parallel import DistributedError
 from vlmoe.train.step import NonFiniteError
 from vlmoe.validate import (
@@ -33,7 +34,6 @@ from vlmoe.validate import (
     check_data_spec,
     check_input_file,
     check_namespace,
-    check_text,
     float_arg,
     int_arg,
     json_line,
@@ -98,9 +98,9 @@ def _fresh_out(base: str, resume: bool) -> str:
 
 def _train_config(args: argparse.Namespace) -> RunConfig:
     """The preset with the command line's overrides, validated (ConfigError / DataError)."""
-    from vlmoe.config import get_preset
+    from vlmoe.families import family_of_preset
 
-    cfg = get_preset(args.preset)
+    cfg = family_of_preset(args.preset).hooks().PRESETS[args.preset]()
     if args.data is not None:
         cfg.data = args.data
     if args.epochs is not None:
@@ -186,57 +186,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate a checkpoint: accuracy overall and per question kind (yes/no, color, shape)."""
-    from vlmoe.checkpoint import load_checkpoint
-    from vlmoe.data import load_data
-    from vlmoe.evaluate import evaluate
+    """Evaluate a checkpoint on a split: what each model family measures (VQA accuracy per
+    question kind; zero-shot and retrieval for contrastive; exact match for generative)."""
+    from vlmoe.families import family_of_checkpoint
 
-    device = parse_device(args.device)
-    ck = load_checkpoint(args.checkpoint, device)
-    split_name = args.split
-    data = args.data or ck.config.data
-    split = load_data(
-        data,
-        split_name,
-        ck.config.model.image_size,
-        ck.config.train.val_fraction,
-        ck.config.train.seed,
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        res = evaluate(ck.model, split, ck.tokenizer, ck.answers, device=device)
-    for w in caught:
-        print(f"vlmoe: warning: {w.message}", file=sys.stderr)
-    if args.json:
-        print(json_line({"data": split.source, **res.to_dict()}))
-        return 0
-    print(f"{split.source}: accuracy {res.accuracy:.4f} on {res.n} questions (loss {res.loss:.4f})")
-    for kind, v in res.per_kind.items():
-        print(f"  {kind:<7} {v['accuracy']:.4f}  (n={v['n']})")
-    return 0
+    family, _ = family_of_checkpoint(args.checkpoint)
+    return family.hooks().eval_command(args)
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    """Answer a question about an image with a trained checkpoint."""
-    from vlmoe.checkpoint import load_checkpoint
-    from vlmoe.data import load_image
-    from vlmoe.evaluate import answer_question
+    """Ask a trained checkpoint about an image (or rank --choices, or chat without an image)."""
+    from vlmoe.families import family_of_checkpoint
 
-    check_text("question", args.question)
-    if not args.question.strip():
-        raise UsageError("question: expected a non-empty question, got an empty string")
-    device = parse_device(args.device)
-    check_input_file(args.image, "--image", "image file")  # before the slower checkpoint
-    ck = load_checkpoint(args.checkpoint, device)
-    image = load_image(args.image, ck.config.model.image_size)
-    top = answer_question(ck.model, ck.tokenizer, ck.answers, image, args.question, top=3)
-    if args.json:
-        print(json_line({"answer": top[0][0], "top": [{"answer": a, "prob": p} for a, p in top]}))
-        return 0
-    print(top[0][0])
-    for a, p in top:
-        print(f"  {a:<12} {p:.3f}")
-    return 0
+    if args.image is not None:
+        check_input_file(args.image, "--image", "image file")  # before the slower checkpoint
+    family, _ = family_of_checkpoint(args.checkpoint)
+    return family.hooks().ask_command(args)
 
 
 def add_checkpoint_data_arguments(p: argparse.ArgumentParser, split_help: str) -> None:
@@ -251,8 +216,9 @@ def add_checkpoint_data_arguments(p: argparse.ArgumentParser, split_help: str) -
 def _add_train_arguments(t: argparse.ArgumentParser) -> None:
     """`vlmoe train`'s options; numbers are range- and NaN-checked as they are parsed."""
     t.add_argument(
-        "--preset", default="default", help="named config: tiny, default, dense (default: default)"
-    )
+        "--preset", default="default",
+        help=f"named config: {', '.join(all_presets())} (default: default)",
+    )  # fmt: skip
     t.add_argument("--data", default=None, help="'easy-vqa' (default) or a JSONL file")
     t.add_argument("--out", default=None, help="checkpoint folder (default: checkpoints/PRESET)")
     t.add_argument("--epochs", type=float_arg(0, lo_open=True), help="override the preset's epochs")
@@ -313,10 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("ask", help=cmd_ask.__doc__, description=cmd_ask.__doc__)
     a.add_argument("--checkpoint", required=True)
-    a.add_argument("--image", required=True, help="image file (any size or mode)")
+    a.add_argument("--image", default=None, help="image file (any size or mode)")
+    a.add_argument("--choices", nargs="+", default=None, metavar="TEXT",
+                   help="contrastive checkpoints: rank these texts against the image")  # fmt: skip
     a.add_argument("--device", default="cpu")
     a.add_argument("--json", action="store_true", help='print {"answer": ..., "top": [...]}')
-    a.add_argument("question")
+    a.add_argument("question", nargs="?", default=None)
     a.set_defaults(func=cmd_ask)
 
     for name, module in EXTRA_COMMANDS.items():

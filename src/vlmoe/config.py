@@ -12,7 +12,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from vlmoe.data.augment import AugmentConfig
 from vlmoe.moe import MoEConfig
@@ -235,6 +235,8 @@ _TRAIN_RANGES = (
 class RunConfig:
     """Everything a training run needs: model, training and the data set name."""
 
+    #: the model family that trains this config (`vlmoe.families`; a class constant, not a field)
+    task_kind: ClassVar[str] = "vqa"
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: str = "easy-vqa"  #: "easy-vqa" or a path to a JSONL file

@@ -22,8 +22,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from vlmoe.checkpoint import commit, fresh_tmp, load_trainer_state, recover, write_run_files
-from vlmoe.config import RunConfig, StageConfig
+from vlmoe.checkpoint import (
+    CheckpointError,
+    commit,
+    fresh_tmp,
+    load_trainer_state,
+    recover,
+    write_run_files,
+)
+from vlmoe.config import ConfigError, StageConfig
 from vlmoe.evaluate import EvalResult
 from vlmoe.models.output import ModelOutput
 from vlmoe.moe import keep_freed_memory
@@ -31,7 +38,7 @@ from vlmoe.train.metrics import CollapseMonitor, MetricsLog, RoutingWindow, Wind
 from vlmoe.train.optim import build_optimizer, no_decay_names, set_trainable
 from vlmoe.train.parallel import Engine
 from vlmoe.train.step import NonFiniteError, train_step
-from vlmoe.train.task import Task, VQATask
+from vlmoe.train.task import Task
 
 
 @dataclass
@@ -350,7 +357,7 @@ class Trainer:
 
 
 def train(
-    cfg: RunConfig,
+    cfg: Any,
     out_dir: str | Path,
     *,
     device: str = "cpu",
@@ -367,7 +374,8 @@ def train(
     resume: continue from the checkpoint in ``out_dir`` (its config wins over ``cfg``).
     stop_after: stop (and save) after this many optimiser steps in total, as if interrupted.
     engine: the process group (default: from the launcher's environment, else one process);
-    ``train.batch_size`` stays the global batch. task: default ``VQATask(cfg)``.
+    ``train.batch_size`` stays the global batch. task: default: the Task of cfg's model
+    family (`vlmoe.families`).
     SIGINT / SIGTERM stop the run after the current step with a resumable checkpoint.
     Returns the final validation and (easy-VQA) test results.
     """
@@ -378,14 +386,27 @@ def train(
     if str(engine.device).startswith("cpu"):
         keep_freed_memory()  # the allocator setting bench/moe_layer.py measures with
     out = Path(out_dir)
-    if resume:
-        from vlmoe.checkpoint import load_checkpoint_meta
-
-        meta, _ = load_checkpoint_meta(out)
-        cfg = RunConfig.from_dict(meta["run"])
-        task = task or VQATask.resuming(cfg, out, meta)
-    task = task or VQATask(cfg)
+    if task is None:
+        task = family_task(cfg, out if resume else None)
     return Trainer(task, out, engine, log, progress).run(resume, stop_after, evaluate_test)
+
+
+def family_task(cfg: Any, resume_from: Path | None) -> Task:
+    """The Task for ``cfg`` from its model family (`vlmoe.families`); resuming, the config
+    and family are those saved in the checkpoint ``resume_from``, not ``cfg``."""
+    from vlmoe.families import family_of_checkpoint, family_of_kind
+
+    if resume_from is None:
+        return family_of_kind(cfg.task_kind, "config").hooks().make_task(cfg, None, None)
+    family, meta = family_of_checkpoint(resume_from)
+    hooks = family.hooks()
+    try:
+        saved = hooks.config_from_dict(meta["run"])
+    except KeyError:
+        raise CheckpointError(f"{resume_from}/config.json: missing field 'run'") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{resume_from}/config.json: invalid content ({e})") from None
+    return hooks.make_task(saved, resume_from, meta)
 
 
 __all__ = ["StageConfig", "StopSignals", "TrainResult", "Trainer", "train"]
