@@ -25,19 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from launch import run_local_ranks
 
 
 def worker(out: str, steps: int, warmup: int) -> None:
@@ -120,28 +114,9 @@ def worker(out: str, steps: int, warmup: int) -> None:
 def run_world(W: int, steps: int, warmup: int, threads: int, timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        port = _free_port()
-        procs = []
-        for r in range(W):
-            env = dict(os.environ, OMP_NUM_THREADS=str(threads), VLMOE_DIST_TIMEOUT="120")
-            if W > 1:
-                env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(W),
-                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-            else:
-                env.pop("WORLD_SIZE", None)
-            argv = [sys.executable, __file__, "--worker", out, "--steps", str(steps),
-                    "--warmup", str(warmup)]  # fmt: skip
-            procs.append(subprocess.Popen(argv, env=env))
-        try:
-            for p in procs:
-                p.wait(timeout=timeout)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        if any(p.returncode for p in procs):
-            raise SystemExit(f"W={W}: a worker failed")
+        argv = [sys.executable, __file__, "--worker", out, "--steps", str(steps),
+                "--warmup", str(warmup)]  # fmt: skip
+        run_local_ranks(argv, W, threads, timeout, f"W={W}")
         return json.loads(Path(out).read_text())
 
 

@@ -19,19 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from launch import run_local_ranks
 
 
 def _storage_bytes(tensors) -> int:
@@ -93,27 +87,10 @@ def worker(out: str, preset: str, fsdp: bool, steps: int) -> None:
 
 def run(W: int, preset: str, fsdp: bool, steps: int, timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        out, port = os.path.join(tmp, "r.json"), _free_port()
-        procs = []
-        for r in range(W):
-            env = dict(os.environ, OMP_NUM_THREADS="1", VLMOE_DIST_TIMEOUT="120")
-            env.pop("WORLD_SIZE", None)
-            if W > 1:
-                env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(W),
-                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-            argv = [sys.executable, __file__, "--worker", out, "--preset", preset,
-                    "--steps", str(steps), *([] if fsdp else ["--no-fsdp"])]  # fmt: skip
-            procs.append(subprocess.Popen(argv, env=env))
-        try:
-            for p in procs:
-                p.wait(timeout=timeout)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        if any(p.returncode for p in procs):
-            raise SystemExit(f"W={W} fsdp={fsdp}: a worker failed")
+        out = os.path.join(tmp, "r.json")
+        argv = [sys.executable, __file__, "--worker", out, "--preset", preset,
+                "--steps", str(steps), *([] if fsdp else ["--no-fsdp"])]  # fmt: skip
+        run_local_ranks(argv, W, 1, timeout, f"W={W} fsdp={fsdp}")
         return json.loads(Path(out).read_text())
 
 

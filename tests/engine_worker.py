@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,6 +48,29 @@ def worker_env(rank: int, world: int, port: int, timeout_s: int = 30) -> dict[st
         VLMOE_DIST_TIMEOUT=str(timeout_s),
     )  # fmt: skip
     return env
+
+
+def run_ranks(argv: list[str], world: int = 2, timeout: float = 120) -> list[str]:
+    """Start ``world`` processes of ``argv`` as ranks of one group on a free local port; wait
+    (each at most ``timeout`` s, then killed); assert every rank exited 0, failing with its
+    stderr's tail; return the stderrs."""
+    port = free_port()
+    procs = [
+        subprocess.Popen(argv, env=worker_env(r, world, port), stderr=subprocess.PIPE, text=True)
+        for r in range(world)
+    ]
+    errs = []
+    try:
+        for p in procs:
+            errs.append(p.communicate(timeout=timeout)[1])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, e in zip(procs, errs, strict=True):
+        assert p.returncode == 0, e[-3000:]
+    return errs
 
 
 def build() -> torch.nn.Module:

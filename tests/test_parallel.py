@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_worker import free_port, worker_env
+from engine_worker import free_port, run_ranks, worker_env
 from parallel_worker import CONFIGS, fixed_batch, tiny_config
 
 from vlmoe.moe import MoE, MoEConfig
@@ -31,27 +31,6 @@ from vlmoe.train.parallel import Engine, describe_failure
 
 HERE = Path(__file__).parent
 WORKER = HERE / "parallel_worker.py"
-
-
-def run_ranks(argv: list[str], world: int = 2, timeout: float = 120) -> list[str]:
-    """Start ``world`` processes of ``argv`` as ranks of one group; wait; return stderrs."""
-    port = free_port()
-    procs = [
-        subprocess.Popen(argv, env=worker_env(r, world, port), stderr=subprocess.PIPE, text=True)
-        for r in range(world)
-    ]
-    errs = []
-    try:
-        for p in procs:
-            errs.append(p.communicate(timeout=timeout)[1])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, e in zip(procs, errs, strict=False):
-        assert p.returncode == 0, e[-3000:]
-    return errs
 
 
 # ------------------------------------------------------------------ single process

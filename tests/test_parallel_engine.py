@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_worker import build, free_port, main, worker_env
+from engine_worker import build, free_port, main, run_ranks, worker_env
 from safetensors.torch import load_file
 
 from vlmoe.checkpoint import CheckpointError
@@ -28,25 +28,9 @@ WORKER = Path(__file__).parent / "engine_worker.py"
 STEPS, SAVE_AT = 6, 3
 
 
-def run_ranks(args: list[str], world: int = 2, timeout: float = 90) -> None:
-    """Start ``world`` ranks of the worker with ``args``; wait; fail with rank 0's stderr."""
-    port = free_port()
-    argv = [sys.executable, str(WORKER), *args]
-    procs = [
-        subprocess.Popen(argv, env=worker_env(r, world, port), stderr=subprocess.PIPE, text=True)
-        for r in range(world)
-    ]
-    errs = []
-    try:
-        for p in procs:
-            errs.append(p.communicate(timeout=timeout)[1])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, e in zip(procs, errs, strict=True):
-        assert p.returncode == 0, e[-3000:]
+def run_worker(args: list[str], timeout: float = 90) -> None:
+    """2 ranks of the engine worker with ``args`` (fails with a rank's stderr)."""
+    run_ranks([sys.executable, str(WORKER), *args], timeout=timeout)
 
 
 def read(out: Path) -> tuple[dict[str, float], dict[str, float]]:
@@ -68,7 +52,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     one, two = root / "one", root / "two"
     one.mkdir(), two.mkdir()
     main([str(one), str(STEPS), "--save-at", str(SAVE_AT)])
-    run_ranks([str(two), str(STEPS), "--save-at", str(SAVE_AT)])
+    run_worker([str(two), str(STEPS), "--save-at", str(SAVE_AT)])
     return {"one": one, "two": two}
 
 
@@ -106,7 +90,7 @@ def test_dcp_checkpoint_resumes_on_another_process_count(runs, tmp_path, saved_b
     state = runs[saved_by] / "state"
     assert (state / ".metadata").is_file() and not list(state.parent.glob(".state.*"))
     if saved_by == "one":
-        run_ranks([str(tmp_path), str(STEPS), "--resume", str(state)])
+        run_worker([str(tmp_path), str(STEPS), "--resume", str(state)])
     else:
         main([str(tmp_path), str(STEPS), "--resume", str(state)])
     (ref, ref_n), (got, got_n) = read(runs["one"]), read(tmp_path)
@@ -117,7 +101,7 @@ def test_dcp_checkpoint_resumes_on_another_process_count(runs, tmp_path, saved_b
 
 def test_two_process_data_parallel_replicated_equals_one_process(runs, tmp_path):
     """ep=1 (dp=2: each rank holds every expert) with replicated dense parameters (no FSDP)."""
-    run_ranks([str(tmp_path), str(STEPS), "--ep", "1", "--no-fsdp"])
+    run_worker([str(tmp_path), str(STEPS), "--ep", "1", "--no-fsdp"])
     (l1, n1), (l2, n2) = read(runs["one"]), read(tmp_path)
     assert_same_curve(l1, l2)
     assert_same_curve(n1, n2)
