@@ -231,22 +231,18 @@ _TRAIN_RANGES = (
 )
 
 
-@dataclass
-class RunConfig:
-    """Everything a training run needs: model, training and the data set name."""
+class RunConfigBase:
+    """What every family's run config shares (mixed into a dataclass with the fields
+    ``model``, ``train: TrainConfig``, ``data: str``, ``preset: str``): the dict round trip
+    checkpoints store and the stage list the trainer runs. A family names its model config
+    class in ``model_class`` and its family in ``task_kind``."""
 
-    #: the model family that trains this config (`vlmoe.families`; a class constant, not a field)
-    task_kind: ClassVar[str] = "vqa"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: str = "easy-vqa"  #: "easy-vqa" or a path to a JSONL file
-    preset: str = "default"  #: the preset this config came from (informational)
-
-    def __post_init__(self) -> None:
-        check_fields(self, "run", ConfigError)
+    task_kind: ClassVar[str]  #: the model family that trains this config (`vlmoe.families`)
+    model_class: ClassVar[type]  #: the dataclass of the ``model`` field
+    train: TrainConfig
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     def stages(self) -> tuple[StageConfig, ...]:
         """The stages to run, with epochs and lr filled in from ``train``."""
@@ -257,25 +253,46 @@ class RunConfig:
         )
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        """Rebuild from `to_dict()` output; unknown keys raise ConfigError naming them."""
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        """Rebuild from `to_dict()` output; a wrong type or an unknown key raises ConfigError
+        naming it."""
         if not isinstance(d, dict):
             raise ConfigError(f"config: expected an object, got {type(d).__name__}")
         for key in ("model", "train"):
             if not isinstance(d.get(key, {}), dict):
                 raise ConfigError(f"{key}: expected an object, got {type(d[key]).__name__}")
+        model = dict(d.get("model", {}))
+        for name, value in model.items():  # nested configs (model.moe) arrive as objects
+            if name in _NESTED and not isinstance(value, dict):
+                raise ConfigError(f"model.{name}: expected an object, got {value!r}")
         try:
-            model = dict(d.get("model", {}))
-            if "moe" in model and not isinstance(model["moe"], dict):
-                raise ConfigError(f"model.moe: expected an object, got {model['moe']!r}")
             return cls(
-                model=ModelConfig(**model),
+                model=cls.model_class(**model),  # type: ignore[call-arg]
                 train=TrainConfig(**d.get("train", {})),  # stages: dicts → StageConfig
                 data=d.get("data", "easy-vqa"),
                 preset=d.get("preset", "custom"),
             )
         except TypeError as e:  # unexpected keyword → name it
             raise ConfigError(f"config: {e}") from None
+
+
+#: model-config fields that hold a nested config (a dict in config.json)
+_NESTED = ("moe",)
+
+
+@dataclass
+class RunConfig(RunConfigBase):
+    """Everything a VL-MoE training run needs: model, training and the data set name."""
+
+    task_kind: ClassVar[str] = "vqa"
+    model_class: ClassVar[type] = ModelConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: str = "easy-vqa"  #: "easy-vqa" or a path to a JSONL file
+    preset: str = "default"  #: the preset this config came from (informational)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "run", ConfigError)
 
 
 def tiny() -> RunConfig:
