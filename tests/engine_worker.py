@@ -50,7 +50,7 @@ def worker_env(rank: int, world: int, port: int, timeout_s: int = 30) -> dict[st
     return env
 
 
-def run_ranks(argv: list[str], world: int = 2, timeout: float = 120) -> list[str]:
+def run_ranks(argv: list[str], world: int = 2, timeout: float = 300) -> list[str]:
     """Start ``world`` processes of ``argv`` as ranks of one group on a free local port; wait
     (each at most ``timeout`` s, then killed); assert every rank exited 0, failing with its
     stderr's tail; return the stderrs."""

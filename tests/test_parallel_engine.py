@@ -28,7 +28,7 @@ WORKER = Path(__file__).parent / "engine_worker.py"
 STEPS, SAVE_AT = 6, 3
 
 
-def run_worker(args: list[str], timeout: float = 90) -> None:
+def run_worker(args: list[str], timeout: float = 300) -> None:
     """2 ranks of the engine worker with ``args`` (fails with a rank's stderr)."""
     run_ranks([sys.executable, str(WORKER), *args], timeout=timeout)
 
