@@ -54,7 +54,10 @@ class Family:
         return importlib.import_module(self.module)
 
 
-FAMILIES: tuple[Family, ...] = (Family("vqa", "vlmoe.vqa_family", ("tiny", "default", "dense")),)
+FAMILIES: tuple[Family, ...] = (
+    Family("vqa", "vlmoe.vqa_family", ("tiny", "default", "dense")),
+    Family("llava", "vlmoe.llava.family", ("moe-llava", "moe-llava-tiny")),
+)
 
 
 def all_presets() -> list[str]:
