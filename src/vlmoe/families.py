@@ -60,6 +60,10 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
+#: names that ``--checkpoint`` takes for a pretrained language model (as a ``.gguf`` file does)
+PRETRAINED_LMS = ("smollm2",)
+
+
 def all_presets() -> list[str]:
     """Every preset name of every family, in registry order."""
     return [p for f in FAMILIES for p in f.presets]
@@ -89,6 +93,8 @@ def family_of_checkpoint(path: str | Path) -> tuple[Family, dict[str, Any]]:
     is missing, unreadable or of an unknown kind)."""
     from vlmoe.checkpoint import load_checkpoint_meta, resolve_checkpoint_dir
 
+    if not Path(path).is_dir() and (str(path) in PRETRAINED_LMS or str(path).endswith(".gguf")):
+        return family_of_kind("llava"), {}  # a pretrained language model, text only
     meta, _ = load_checkpoint_meta(path)
     where = str(resolve_checkpoint_dir(path) / "config.json")
     return family_of_kind(meta.get("task", "vqa"), where), meta

@@ -8,7 +8,6 @@ checkpoint is taken (`load_llava`).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,13 @@ __all__ = ["PRESETS", "Loaded", "ask_command", "config_from_dict", "eval_command
            "load_llava", "make_task"]  # fmt: skip
 
 PRETRAINED_NAMES = ("smollm2",)
+
+
+def is_pretrained_lm(path: str | Path) -> bool:
+    """``--checkpoint`` names a pretrained LM (``smollm2``, a ``.gguf`` file), not a folder."""
+    return not Path(path).is_dir() and (
+        str(path) in PRETRAINED_NAMES or str(path).endswith(".gguf")
+    )
 
 
 def config_from_dict(d: dict[str, Any]) -> LlavaRunConfig:
@@ -79,10 +85,10 @@ class Loaded:
 def load_llava(path: str | Path, device: str = "cpu") -> Loaded:
     """A checkpoint folder of this family, or ``"smollm2"`` (the pretrained LM, text only).
     Anything missing or inconsistent raises CheckpointError naming the file."""
-    if str(path) in PRETRAINED_NAMES:
-        from vlmoe.lm import load_pretrained
+    if is_pretrained_lm(path):
+        from vlmoe.lm import load_gguf, load_pretrained
 
-        lm, tok = load_pretrained(str(path))
+        lm, tok = load_pretrained(str(path)) if str(path) in PRETRAINED_NAMES else load_gguf(path)
         return Loaded(str(path), None, lm.to(device).eval(), tok, None)
     d = resolve_checkpoint_dir(path)
     meta, _ = load_checkpoint_meta(d)
@@ -138,10 +144,9 @@ def ask_command(args: argparse.Namespace) -> int:
     device = parse_device(args.device)
     if args.image is not None:
         check_input_file(args.image, "--image", "image file")
+        if is_pretrained_lm(args.checkpoint):  # before the slow load
+            _text_only(args.checkpoint)
     ck = load_llava(args.checkpoint, device)
-    if args.image is not None and ck.model is None:
-        raise UsageError(f"--image: {args.checkpoint} is a text-only language model; "
-                         "ask it without --image, or give a checkpoint trained on images")  # fmt: skip
     image = None if args.image is None else load_image(args.image, ck.model.cfg.image_size)
     answer = answer_one(ck, question, image, device, stream=not args.json)
     if args.json:
@@ -176,6 +181,10 @@ def answer_one(ck: Loaded, question: str, image: torch.Tensor | None, device: st
             sys.stdout.flush()
             printed[0] = len(text)
 
+    ctx = ck.lm.config.max_seq_len
+    if batch.input_ids.shape[1] + limit > ctx:
+        raise UsageError(f"question: the prompt is {batch.input_ids.shape[1]} tokens; with up to "
+                         f"{limit} answer tokens it passes the model's context of {ctx} tokens")  # fmt: skip
     if ck.model is not None:
         ck.model.generate(batch, tok.eos_id, tok.pad_id, limit, on_token)
     else:
@@ -186,6 +195,11 @@ def answer_one(ck: Loaded, question: str, image: torch.Tensor | None, device: st
     if stream:
         print()
     return tok.decode(got).strip()
+
+
+def _text_only(name: str) -> None:
+    raise UsageError(f"--image: {name} is a text-only language model; ask it without "
+                     "--image, or give a checkpoint trained on images")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- eval
@@ -219,7 +233,3 @@ def eval_command(args: argparse.Namespace) -> int:
     for kind, v in res.per_kind.items():
         print(f"  {kind:<7} {v['accuracy']:.4f}  (n={v['n']})")
     return 0
-
-
-def _dump(obj: Any) -> str:
-    return json.dumps(obj)
