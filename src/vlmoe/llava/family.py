@@ -22,8 +22,9 @@ from vlmoe.checkpoint import (
     resolve_checkpoint_dir,
 )
 from vlmoe.config import ConfigError
+from vlmoe.data import DataError
 from vlmoe.lm import CausalLM, ChatTokenizer, LMConfig
-from vlmoe.validate import UsageError, check_input_file, check_text, json_line
+from vlmoe.validate import UsageError, check_finite_state, check_input_file, check_text, json_line
 
 from .config import PRESETS, LlavaRunConfig
 from .data import Example, collate, prompt_example
@@ -101,8 +102,13 @@ def load_llava(path: str | Path, device: str = "cpu") -> Loaded:
     except (ConfigError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: invalid content ({e})") from None
     model = LlavaModel(cfg.model, lm, _bare_encoder(cfg.model.vision))
+    state = read_weights(d)
     try:
-        model.load_state_dict(read_weights(d))
+        check_finite_state(state, d / "model.safetensors")
+    except DataError as e:
+        raise CheckpointError(str(e)) from None
+    try:
+        model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).splitlines()[1 if "\n" in str(e) else 0].strip()
         raise CheckpointError(
@@ -209,10 +215,10 @@ def eval_command(args: argparse.Namespace) -> int:
     from vlmoe.data import load_data
 
     device = parse_device(args.device)
-    ck = load_llava(args.checkpoint, device)
-    if ck.model is None:
+    if is_pretrained_lm(args.checkpoint):
         raise UsageError(f"--checkpoint {args.checkpoint}: a text-only language model cannot "
                          "answer questions about images; give a trained checkpoint")  # fmt: skip
+    ck = load_llava(args.checkpoint, device)
     cfg = ck.config
     data = args.data or cfg.data
     split = load_data(
