@@ -51,6 +51,7 @@ EXTRA_COMMANDS = {
     "inspect": "vlmoe.inspect",
     "compare": "vlmoe.compare",
     "serve": "vlmoe.serve.command",
+    "export-hf": "vlmoe.export_hf",
 }
 
 
@@ -136,9 +137,13 @@ def _select_stage(cfg: RunConfig, args: argparse.Namespace) -> None:
         raise UsageError(f"--stage: preset {cfg.preset} has {len(stages)} stage(s), got {n}")
     init = args.init_from or (f"{base}-{stages[n - 2].name}" if n > 1 else "")
     if init and not Path(init).is_dir():
-        how = "give --from DIR" if args.init_from else f"run --stage {n - 1} first or give --from DIR"
+        how = (
+            "give --from DIR" if args.init_from else f"run --stage {n - 1} first or give --from DIR"
+        )
         raise UsageError(f"--from: {init}: checkpoint folder not found ({how})")
-    chosen = [dataclasses.replace(s, init_from=init) if i == n - 1 else s for i, s in enumerate(stages)]
+    chosen = [
+        dataclasses.replace(s, init_from=init) if i == n - 1 else s for i, s in enumerate(stages)
+    ]
     if args.stage is not None:
         chosen = [chosen[n - 1]]
         if args.out is None or n < len(stages):

@@ -23,6 +23,7 @@ from vlmoe.checkpoint import (
 )
 from vlmoe.config import ConfigError
 from vlmoe.data import DataError
+from vlmoe.families import is_pretrained_lm
 from vlmoe.lm import CausalLM, ChatTokenizer, LMConfig
 from vlmoe.validate import UsageError, check_finite_state, check_input_file, check_text, json_line
 
@@ -37,11 +38,24 @@ __all__ = ["PRESETS", "Loaded", "ask_command", "config_from_dict", "eval_command
 PRETRAINED_NAMES = ("smollm2",)
 
 
-def is_pretrained_lm(path: str | Path) -> bool:
-    """``--checkpoint`` names a pretrained LM (``smollm2``, a ``.gguf`` file), not a folder."""
-    return not Path(path).is_dir() and (
-        str(path) in PRETRAINED_NAMES or str(path).endswith(".gguf")
-    )
+def _load_pretrained_lm(path: str | Path) -> tuple[CausalLM, ChatTokenizer]:
+    """``smollm2``, a ``.gguf`` file or a `transformers` folder (with its tokenizer)."""
+    from vlmoe.lm import load_gguf, load_pretrained
+
+    if str(path) in PRETRAINED_NAMES and not Path(path).is_dir():
+        return load_pretrained(str(path))
+    if not Path(path).is_dir():
+        return load_gguf(path)
+    from vlmoe.lm.hf import load_hf
+
+    try:
+        lm, tok = load_hf(path)
+    except ImportError:
+        raise UsageError(f"--checkpoint {path}: a transformers folder needs transformers "
+                         "(pip install 'vlmoe[hf]')") from None  # fmt: skip
+    if tok is None:
+        raise CheckpointError(f"{path}: no tokenizer.json beside the transformers model")
+    return lm, tok
 
 
 def config_from_dict(d: dict[str, Any]) -> LlavaRunConfig:
@@ -87,9 +101,7 @@ def load_llava(path: str | Path, device: str = "cpu") -> Loaded:
     """A checkpoint folder of this family, or ``"smollm2"`` (the pretrained LM, text only).
     Anything missing or inconsistent raises CheckpointError naming the file."""
     if is_pretrained_lm(path):
-        from vlmoe.lm import load_gguf, load_pretrained
-
-        lm, tok = load_pretrained(str(path)) if str(path) in PRETRAINED_NAMES else load_gguf(path)
+        lm, tok = _load_pretrained_lm(path)
         return Loaded(str(path), None, lm.to(device).eval(), tok, None)
     d = resolve_checkpoint_dir(path)
     meta, _ = load_checkpoint_meta(d)
@@ -167,7 +179,9 @@ def answer_one(ck: Loaded, question: str, image: torch.Tensor | None, device: st
     tok = ck.tokenizer
     if ck.model is None:  # a pretrained chat model: its own system prompt
         ex = Example(0, -1, tok.chat_ids(question), [], None)
-        limit = max_new_tokens or 128
+        # a chat answer: up to 128 tokens, as far as the context allows
+        room = ck.lm.config.max_seq_len - len(ex.before)
+        limit = max_new_tokens or max(1, min(128, room))
     else:
         ex = prompt_example(tok, 0, 0 if image is not None else -1, question, None)
         limit = max_new_tokens or ck.model.cfg.max_answer_tokens
