@@ -91,3 +91,18 @@ def test_stopped_run_resumes_to_the_same_weights(llava_run: Path, tmp_path: Path
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_export_hf_writes_a_mixtral_folder_that_ask_reads(llava_run: Path, tmp_path: Path, capsys):
+    hf = tmp_path / "hf"
+    rc, out, err = run_cli(capsys, "export-hf", "--checkpoint", str(llava_run), "--out", str(hf),
+                           "--json")  # fmt: skip
+    assert rc == 0, err
+    res = last_json(out)
+    assert res["architecture"] == "MixtralForCausalLM" and res["max_logit_diff"] <= 1e-4
+    cfg = json.loads((hf / "config.json").read_text())
+    assert cfg["vlmoe_dense_layers"] == [1, 3] and (hf / "tokenizer.json").is_file()
+    rc, out, _ = run_cli(capsys, "ask", "--checkpoint", str(hf), "--json", "hello")
+    assert rc == 0 and isinstance(last_json(out)["answer"], str)
+    rc, _, err = run_cli(capsys, "export-hf", "--checkpoint", str(llava_run), "--out", str(hf))
+    assert rc == 1 and "not empty" in err  # an existing folder is never replaced silently
