@@ -45,6 +45,9 @@ class LlavaConfig:
     router_std: float = 0.02  #: init std of a new router
     moe_stages: tuple[str, ...] = ("moe",)  #: stages whose model is upcycled
     caption_stages: tuple[str, ...] = ("align",)  #: stages trained on captions
+    #: in those stages, the share of examples that are captions (the rest stay questions);
+    #: 1.0 = MoE-LLaVA's caption-only alignment stage
+    caption_share: float = 1.0
 
     def __post_init__(self) -> None:
         self.moe_stages = tuple(self.moe_stages)
@@ -59,6 +62,8 @@ class LlavaConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"model.{name}: expected a positive integer, got {v!r}")
+        if not (isinstance(self.caption_share, (int, float)) and 0 <= self.caption_share <= 1):
+            raise ConfigError(f"model.caption_share: expected a number in [0, 1], got {self.caption_share!r}")  # fmt: skip
         if self.top_k > self.num_experts:
             raise ConfigError(f"model.top_k: expected <= num_experts={self.num_experts}, got {self.top_k}")  # fmt: skip
         if self.moe_layers not in ("every_other", "all"):
@@ -123,14 +128,16 @@ def moe_llava() -> LlavaRunConfig:
 
     SmolLM2-135M-Instruct + frozen EfficientNet-Lite0 (ImageNet) at 224 px pooled to 2×2
     visual tokens, a 2-layer MLP projector, ChatML prompts without a system turn, loss on
-    answer tokens only. Stage align: projector on easy-VQA captions ("a red triangle");
+    answer tokens only. Stage align: projector on easy-VQA captions ("a red triangle") mixed
+    half and half with questions (a caption-only projector answers every question with a
+    caption; CPU minutes are too few to spend a stage on captions alone);
     dense: projector + decoder layers on questions; moe: every other FFN upcycled to 4 copies,
     top-2, balance loss 0.01, FFNs and routers only. About 1.8 epochs of batch 16 in total.
     Not yet measured end to end (the lead schedules the 90-minute run); calibration from the
     issue: projector-only 24 samples/s, 78% after 8 min; + FFNs 84% after 8 more.
     """
     return LlavaRunConfig(
-        model=LlavaConfig(),
+        model=LlavaConfig(caption_share=0.5),
         train=TrainConfig(
             epochs=1,
             batch_size=16,

@@ -154,11 +154,16 @@ class GenerativeTask:
         self, batch_size: int, epoch: int, start: int, rank: int, world_size: int
     ) -> Iterator[Any]:
         d, t = self.train_data, self.cfg.train
-        use_captions = self.stage is not None and self.stage.name in self.cfg.model.caption_stages
-        source = self.captions if use_captions and self.captions else d.examples
+        m = self.cfg.model
+        share = (
+            m.caption_share
+            if self.stage is not None and self.stage.name in m.caption_stages
+            else 0.0
+        )
         for idx in shard_order(len(d), batch_size, t.seed, epoch, start, rank, world_size):
-            yield collate([source[i] for i in idx], self.cfg.model.visual_tokens,
-                          self.tokenizer.pad_id, d.features, d.split.images)  # fmt: skip
+            exs = [self.captions[i] if self.captions and caption_coin(t.seed, epoch, i, share)
+                   else d.examples[i] for i in idx]  # fmt: skip
+            yield collate(exs, m.visual_tokens, self.tokenizer.pad_id, d.features, d.split.images)
 
     def evaluate(self, model: nn.Module, split: str, device: str) -> EvalResult | None:
         t = self.cfg.train
@@ -181,6 +186,15 @@ class GenerativeTask:
 
     def write_assets(self, folder: Path) -> None:
         self.tokenizer.save(folder / "tokenizer.json")
+
+
+def caption_coin(seed: int, epoch: int, i: int, share: float) -> bool:
+    """Whether example ``i`` of ``epoch`` is replaced by its caption: a hash of (seed, epoch,
+    i) below ``share`` — the same on every rank and after a resume."""
+    if share <= 0 or share >= 1:
+        return share >= 1
+    h = hashlib.blake2b(f"{seed}/{epoch}/{i}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < share
 
 
 def make_tokenizer(cfg: LlavaConfig, train: VQASplit) -> ChatTokenizer:
