@@ -106,3 +106,21 @@ def test_export_hf_writes_a_mixtral_folder_that_ask_reads(llava_run: Path, tmp_p
     assert rc == 0 and isinstance(last_json(out)["answer"], str)
     rc, _, err = run_cli(capsys, "export-hf", "--checkpoint", str(llava_run), "--out", str(hf))
     assert rc == 1 and "not empty" in err  # an existing folder is never replaced silently
+
+
+def test_inspect_shows_routing_of_image_prompt_and_generated_tokens(
+    llava_run: Path, tmp_path, capsys
+):
+    out = tmp_path / "insp"
+    rc, text, err = run_cli(capsys, "inspect", "--checkpoint", str(llava_run), "--max-questions",
+                            "12", "--out", str(out), "--json")  # fmt: skip
+    assert rc == 0, err
+    res = last_json(text)
+    assert res["questions"] == 12 and set(res["layers"]) == {"0", "2"}
+    for kinds in res["layers"].values():
+        # 4 visual tokens per question, top-2: 12 * 4 * 2 image assignments per layer
+        assert sum(kinds["image"]) == 12 * 4 * 2 and sum(kinds["prompt"]) > 0
+        assert len(kinds["generated"]) == 4
+    assert json.loads((out / "routing.json").read_text())["questions"] == 12
+    rc, _, err = run_cli(capsys, "inspect", "--checkpoint", str(llava_run.with_name("run-dense")))
+    assert rc == 1 and "no MoE layer" in err

@@ -29,10 +29,11 @@ from vlmoe.validate import UsageError, check_finite_state, check_input_file, che
 
 from .config import PRESETS, LlavaRunConfig
 from .data import Example, collate, prompt_example
+from .inspect import inspect_command
 from .model import LlavaModel, TinyEncoder
 from .task import GenerativeTask, SplitData, evaluate_generative
 
-__all__ = ["PRESETS", "Loaded", "ask_command", "config_from_dict", "eval_command",
+__all__ = ["PRESETS", "Loaded", "ask_command", "config_from_dict", "eval_command", "inspect_command",
            "load_llava", "make_task"]  # fmt: skip
 
 PRETRAINED_NAMES = ("smollm2",)
