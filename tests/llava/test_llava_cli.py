@@ -124,3 +124,20 @@ def test_inspect_shows_routing_of_image_prompt_and_generated_tokens(
     assert json.loads((out / "routing.json").read_text())["questions"] == 12
     rc, _, err = run_cli(capsys, "inspect", "--checkpoint", str(llava_run.with_name("run-dense")))
     assert rc == 1 and "no MoE layer" in err
+
+
+def test_fine_tune_a_trained_checkpoint_on_my_jsonl(llava_run: Path, tmp_path: Path, capsys):
+    paths = get_test_image_paths()
+    rows = [{"image": str(paths[i % 8]), "question": "what shape is in the image?",
+             "answer": "circle"} for i in range(40)]  # fmt: skip
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ft"
+    argv = ["train", "--preset", "moe-llava-tiny", "--data", str(data), "--out", str(out),
+            "--no-progress", "--json"]  # fmt: skip
+    rc, o, err = run_cli(capsys, *argv, "--stage", "3", "--from", str(llava_run))
+    assert rc == 0, err
+    # the checkpoint's tokenizer is kept (ids keep their meaning) and its weights were the start
+    assert (out / "tokenizer.json").read_text() == (llava_run / "tokenizer.json").read_text()
+    rc, _, err = run_cli(capsys, *argv[:-2], "--from", str(llava_run), "--out", str(tmp_path / "x"))
+    assert rc == 1 and "--stage 3 --from" in err  # an upcycled checkpoint into a dense stage

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmoe.config import StageConfig
+from vlmoe.config import ConfigError, StageConfig
 from vlmoe.data import VQASplit, load_data
 from vlmoe.evaluate import EvalResult
 from vlmoe.lm import CausalLM, ChatTokenizer, LMConfig, load_pretrained, upcycle
@@ -144,7 +144,12 @@ class GenerativeTask:
         return LlavaModel(m, lm, build_encoder(m))
 
     def load_weights(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_matching(model, upcycle_state(state, model.state_dict()))
+        own = model.state_dict()
+        if any(".ffn.experts." in k for k in state) and not any(".ffn.experts." in k for k in own):
+            raise ConfigError("train.stages.init_from: that checkpoint is upcycled (MoE) and "
+                              "this stage is dense; fine-tune it in an MoE stage "
+                              "(e.g. vlmoe train --stage 3 --from DIR)")  # fmt: skip
+        load_matching(model, upcycle_state(state, own))
 
     def batches_per_epoch(self, batch_size: int) -> int:
         check_batch_fits(len(self.train_split), batch_size, 1, self.train_split.source)
