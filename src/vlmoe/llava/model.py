@@ -111,6 +111,12 @@ class LlavaModel(nn.Module):
             self.vision.eval()
         return self
 
+    def param_counts(self) -> tuple[int, int]:
+        """``(total, active per token)`` parameters (the LM's MoE counts k of E experts)."""
+        total, active = self.lm.param_counts()
+        rest = sum(p.numel() for n, p in self.named_parameters() if not n.startswith("lm."))
+        return total + rest, active + rest
+
     def visual_tokens(self, batch: LlavaBatch) -> Tensor:
         """``[B, V, D]`` projected visual tokens from cached features or from the images."""
         feats = batch.features
