@@ -22,8 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Write the checkpoint's language model (and tokenizer) as a Hugging Face `transformers`
-    folder: LlamaForCausalLM when dense, MixtralForCausalLM when upcycled (dense layers as
+    """Write a generative checkpoint's language model as a Hugging Face transformers folder.
+
+    The language model and its tokenizer: LlamaForCausalLM when dense, MixtralForCausalLM when upcycled (dense layers as
     identical experts). The folder is reloaded with AutoModelForCausalLM and its logits on a
     fixed prompt compared with vlmoe's before it is moved into place (fp32, ≤ 1e-4)."""
     try:
