@@ -370,6 +370,29 @@ CHECKPOINT_CASES = [
 
 CASES = CLI_CASES + JSONL_CASES + CHECKPOINT_CASES
 
+# Generative (MoE-LLaVA) checkpoints: run by tests/llava/test_llava_bad_input.py on a sandbox
+# whose S/ck is a `moe-llava-tiny` checkpoint (not part of CASES, whose S/ck is a VQA one).
+LL_ASK = ["ask", "--checkpoint", "{S}/ck", "--json"]
+LL_TRAIN = ["train", "--preset", "moe-llava-tiny", "--out", "{S}/new", "--no-progress"]
+LLAVA_CASES = [
+    _c("llava-image-to-text-lm", "an image to the text-only `smollm2`", ["ask", "--checkpoint", "smollm2", "--image", "{S}/img.png", "hi"], "text-only"),
+    _c("llava-eval-text-lm", "`eval` of the text-only `smollm2`", ["eval", "--checkpoint", "smollm2", "--data", "{S}/data.jsonl"], "text-only"),
+    _c("llava-not-gguf", "`--checkpoint notes.gguf`, a text file", ["ask", "--checkpoint", "{S}/notes.gguf", "hi"], "not a GGUF file", write("notes.gguf", "hello")),
+    _c("llava-gguf-missing", "`--checkpoint none.gguf`, no such file", ["ask", "--checkpoint", "{S}/none.gguf", "hi"], "no such GGUF file"),
+    _c("llava-prompt-too-long", "a question past the context length", LL_ASK + ["word " * 300], "context"),
+    _c("llava-empty-question", "an empty question", LL_ASK + ["  "], "non-empty"),
+    _c("llava-choices", "`--choices` to a generative checkpoint", LL_ASK + ["--choices", "a", "b", "--", "hi"], "--choices"),
+    _c("llava-config-no-lm", "config.json without `lm`", LL_ASK + ["hi"], "missing field 'lm'", edit_config(lambda m: m.pop("lm"))),
+    _c("llava-config-lm-bad", "config.json `lm.d_model` is -3", LL_ASK + ["hi"], "d_model", edit_config(lambda m: m["lm"].update(d_model=-3))),
+    _c("llava-config-vision", "`model.vision` is \"resnet\"", LL_ASK + ["hi"], "model.vision", set_field("model.vision", "resnet")),
+    _c("llava-weights-shape", "a tensor has the wrong shape", LL_ASK + ["hi"], "does not fit", edit_weights(_reshape_first)),
+    _c("llava-weights-nan", "a weight is NaN", LL_ASK + ["hi"], "non-finite", edit_weights(_poison(float("nan")))),
+    _c("llava-tokenizer-garbage", "tokenizer.json is not a tokenizer", LL_ASK + ["hi"], "tokenizer.json", write("ck/tokenizer.json", "[]")),
+    _c("llava-stage-too-big", "`--stage 9` of a 3-stage preset", LL_TRAIN + ["--stage", "9"], "--stage"),
+    _c("llava-stage-no-previous", "`--stage 2` before stage 1 ran", LL_TRAIN + ["--stage", "2"], "run --stage 1 first"),
+    _c("llava-from-missing", "`--from` a folder that does not exist", LL_TRAIN + ["--from", "{S}/nothing"], "--from"),
+]  # fmt: skip
+
 
 def _markdown(only_root_skips: bool = False) -> str:  # pragma: no cover - the docs generator
     import contextlib

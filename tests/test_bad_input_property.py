@@ -242,6 +242,7 @@ OPTIONS = [
     ("train", "--seed", ("int", 0, 2**63 - 1)),
     ("train", "--threads", ("int", 1, 1024)),
     ("train", "--stop-after", ("int", 1, None)),
+    ("train", "--stage", ("int", 1, None)),
     ("train", "--preset", ("choice", "tiny", "default", "dense")),
     ("train", "--device", ("choice", "cpu", "auto")),
     ("eval", "--split", ("choice", "train", "val", "test")),

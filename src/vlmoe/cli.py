@@ -51,6 +51,7 @@ EXTRA_COMMANDS = {
     "inspect": "vlmoe.inspect",
     "compare": "vlmoe.compare",
     "serve": "vlmoe.serve.command",
+    "export-hf": "vlmoe.export_hf",
 }
 
 
@@ -119,7 +120,35 @@ def _train_config(args: argparse.Namespace) -> RunConfig:
         cfg.train.tensorboard = True
     cfg.train.__post_init__()  # re-validate overridden fields
     check_data_spec(cfg.data)
+    if args.stage is not None or args.init_from is not None:
+        _select_stage(cfg, args)
     return cfg
+
+
+def _select_stage(cfg: RunConfig, args: argparse.Namespace) -> None:
+    """--stage N: keep stage N alone, written where a full run writes it (OUT-NAME, the last
+    stage OUT; OUT = --out or checkpoints/PRESET) and started from stage N-1's folder, or
+    from --from DIR. --from alone: the first stage starts from DIR's weights."""
+    import dataclasses
+
+    stages, base = cfg.stages(), args.out or f"checkpoints/{cfg.preset}"
+    n = args.stage or 1
+    if n > len(stages):
+        raise UsageError(f"--stage: preset {cfg.preset} has {len(stages)} stage(s), got {n}")
+    init = args.init_from or (f"{base}-{stages[n - 2].name}" if n > 1 else "")
+    if init and not Path(init).is_dir():
+        how = (
+            "give --from DIR" if args.init_from else f"run --stage {n - 1} first or give --from DIR"
+        )
+        raise UsageError(f"--from: {init}: checkpoint folder not found ({how})")
+    chosen = [
+        dataclasses.replace(s, init_from=init) if i == n - 1 else s for i, s in enumerate(stages)
+    ]
+    if args.stage is not None:
+        chosen = [chosen[n - 1]]
+        if args.out is None or n < len(stages):
+            args.out = base if n == len(stages) else f"{base}-{stages[n - 1].name}"
+    cfg.train.stages = tuple(chosen)
 
 
 def _report_training(res: TrainResult, as_json: bool) -> int:
@@ -261,6 +290,10 @@ def _add_train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files to OUT-tensorboard")  # fmt: skip
     t.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    t.add_argument("--stage", type=int_arg(1), default=None, metavar="N",
+                   help="run stage N of a staged preset alone, from stage N-1's checkpoint")  # fmt: skip
+    t.add_argument("--from", dest="init_from", default=None, metavar="DIR",
+                   help="start (the first stage) from the weights of checkpoint DIR")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

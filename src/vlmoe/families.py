@@ -54,7 +54,30 @@ class Family:
         return importlib.import_module(self.module)
 
 
-FAMILIES: tuple[Family, ...] = (Family("vqa", "vlmoe.vqa_family", ("tiny", "default", "dense")),)
+FAMILIES: tuple[Family, ...] = (
+    Family("vqa", "vlmoe.vqa_family", ("tiny", "default", "dense")),
+    Family("llava", "vlmoe.llava.family", ("moe-llava", "moe-llava-tiny")),
+)
+
+
+#: names that ``--checkpoint`` takes for a pretrained language model (as a ``.gguf`` file does)
+PRETRAINED_LMS = ("smollm2",)
+
+
+def is_pretrained_lm(path: str | Path) -> bool:
+    """Whether ``--checkpoint path`` names a pretrained language model rather than a vlmoe
+    checkpoint: ``smollm2``, a ``.gguf`` file, or a `transformers` folder (a config.json with
+    "architectures" and no vlmoe "format")."""
+    p = Path(path)
+    if not p.is_dir():
+        return str(path) in PRETRAINED_LMS or str(path).endswith(".gguf")
+    try:
+        import json
+
+        meta = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "architectures" in meta and "format" not in meta
 
 
 def all_presets() -> list[str]:
@@ -86,6 +109,8 @@ def family_of_checkpoint(path: str | Path) -> tuple[Family, dict[str, Any]]:
     is missing, unreadable or of an unknown kind)."""
     from vlmoe.checkpoint import load_checkpoint_meta, resolve_checkpoint_dir
 
+    if is_pretrained_lm(path):
+        return family_of_kind("llava"), {}  # a pretrained language model, text only
     meta, _ = load_checkpoint_meta(path)
     where = str(resolve_checkpoint_dir(path) / "config.json")
     return family_of_kind(meta.get("task", "vqa"), where), meta

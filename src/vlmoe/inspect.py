@@ -88,11 +88,20 @@ def run(args: argparse.Namespace) -> int:
     patches.png, text_experts.md and routing.json to --out.
     """
     from vlmoe.cli import parse_device
+    from vlmoe.families import family_of_checkpoint
 
     if args.threads is not None:
         if args.threads < 1:
             raise DataError(f"--threads: expected >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    family, _ = family_of_checkpoint(args.checkpoint)
+    if family.kind != "vqa":  # another family inspects its own checkpoints
+        hooks = family.hooks()
+        if not hasattr(hooks, "inspect_command"):
+            raise DataError(
+                f"--checkpoint {args.checkpoint}: no inspect for {family.kind} checkpoints"
+            )
+        return hooks.inspect_command(args)
     result = inspect_checkpoint(
         args.checkpoint,
         data=args.data,

@@ -1,0 +1,158 @@
+"""The MoE-LLaVA model: a vision encoder, an MLP projector and a causal language model.
+
+Shape legend: B batch, L sequence positions, V visual tokens per image (grid²), F encoder
+feature width, D language-model width, S image side.
+
+An image becomes V visual tokens: the encoder's final feature map is average-pooled to a
+grid × grid map (``[B, F, grid, grid]`` → ``[B, V, F]``) and projected to the LM's width by a
+2-layer MLP (LLaVA-1.5's ``mlp2x_gelu``). The tokens take the places of V placeholder ids in
+the ChatML prompt (``LlavaBatch.image_mask``); the LM then runs on the spliced embeddings.
+A frozen encoder (the default) never changes, so its pooled features can be computed once
+per image and handed in as ``LlavaBatch.features`` instead of pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlmoe.lm import CausalLM, generate
+from vlmoe.models.output import ModelOutput
+
+from .config import LlavaConfig
+
+__all__ = ["LlavaBatch", "LlavaModel", "TinyEncoder", "build_encoder", "pooled_features"]
+
+
+@dataclass
+class LlavaBatch:
+    """input_ids long [B, L] (placeholder ids where image_mask is True); image_mask bool
+    [B, L] (exactly V True per row with an image, none without); attention_mask long [B, L]
+    (1 = token, 0 = padding; right-padded for training, left-padded for generation);
+    labels long [B, L] or None (the answer tokens, -100 elsewhere; shifted inside the LM);
+    features float [B, V, F] (cached encoder output) or images uint8 [B, 3, S, S] or both
+    None (text only); question_index long [B] (row of each example in its split)."""
+
+    input_ids: Tensor
+    image_mask: Tensor
+    attention_mask: Tensor
+    labels: Tensor | None
+    features: Tensor | None
+    images: Tensor | None
+    question_index: Tensor
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device | str) -> LlavaBatch:
+        """A copy with every tensor on ``device``."""
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        return LlavaBatch(**{k: v if v is None else v.to(device) for k, v in kw.items()})
+
+
+class TinyEncoder(nn.Module):
+    """A random 2-layer conv encoder for tests: ``[B, 3, S, S] -> [B, 32, S/4, S/4]``."""
+
+    feature_dim = 32
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 2, 1)
+        self.conv2 = nn.Conv2d(16, self.feature_dim, 3, 2, 1)
+
+    def features(self, x_BCHW: Tensor) -> Tensor:
+        return F.relu(self.conv2(F.relu(self.conv1(x_BCHW))))
+
+
+def build_encoder(cfg: LlavaConfig) -> nn.Module:
+    """The configured vision encoder in eval mode: EfficientNet-Lite0 with its ImageNet
+    weights, or a TinyEncoder drawn from ``cfg.vision_seed`` (the same weights every call)."""
+    if cfg.vision == "tiny":
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.vision_seed)
+            return TinyEncoder().eval()
+    from vlmoe.vision import load_efficientnet_lite0
+
+    return load_efficientnet_lite0().eval()
+
+
+def pooled_features(encoder: nn.Module, images: Tensor, cfg: LlavaConfig) -> Tensor:
+    """uint8 images ``[B, 3, S, S]`` → pooled features ``[B, V, F]``: scaled to [-1, 1],
+    resized to ``cfg.encoder_size`` (bilinear), encoded, average-pooled to grid × grid."""
+    x = (images.float() / 255.0 - 0.5) / 0.5
+    if x.shape[-1] != cfg.encoder_size:
+        x = F.interpolate(x, size=cfg.encoder_size, mode="bilinear", align_corners=False,
+                          antialias=x.shape[-1] > cfg.encoder_size)  # fmt: skip
+    f_BFhw = F.adaptive_avg_pool2d(encoder.features(x), cfg.grid)
+    return f_BFhw.flatten(2).transpose(1, 2)
+
+
+class LlavaModel(nn.Module):
+    """``vision`` (encoder) → ``projector`` (MLP F → H → D) → ``lm`` (``CausalLM``)."""
+
+    def __init__(self, cfg: LlavaConfig, lm: CausalLM, vision: nn.Module) -> None:
+        super().__init__()
+        self.cfg, self.lm, self.vision = cfg, lm, vision
+        d, f = lm.config.d_model, vision.feature_dim
+        h = cfg.projector_hidden or d
+        self.projector = nn.Sequential(nn.Linear(f, h), nn.GELU(), nn.Linear(h, d))
+        if cfg.freeze_vision:
+            self.vision.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> LlavaModel:
+        """As ``nn.Module.train``, but a frozen encoder stays in eval mode: its BatchNorm
+        statistics must not drift, or cached features would no longer be its output."""
+        super().train(mode)
+        if self.cfg.freeze_vision:
+            self.vision.eval()
+        return self
+
+    def param_counts(self) -> tuple[int, int]:
+        """``(total, active per token)`` parameters (the LM's MoE counts k of E experts)."""
+        total, active = self.lm.param_counts()
+        rest = sum(p.numel() for n, p in self.named_parameters() if not n.startswith("lm."))
+        return total + rest, active + rest
+
+    def visual_tokens(self, batch: LlavaBatch) -> Tensor:
+        """``[B, V, D]`` projected visual tokens from cached features or from the images."""
+        feats = batch.features
+        if feats is None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_vision):
+                feats = pooled_features(self.vision, batch.images, self.cfg)
+        return self.projector(feats.to(self.projector[0].weight.dtype))
+
+    def embed(self, batch: LlavaBatch) -> Tensor:
+        """Input embeddings ``[B, L, D]``: token embeddings with the visual tokens spliced in
+        at ``image_mask`` (row-major: row b's V positions get its V tokens in order)."""
+        emb = self.lm.embed(batch.input_ids)
+        if batch.features is None and batch.images is None:
+            return emb
+        vis = self.visual_tokens(batch)
+        return emb.masked_scatter(batch.image_mask[..., None], vis.to(emb.dtype))
+
+    def forward(self, batch: LlavaBatch) -> ModelOutput:
+        """The LM's ``ModelOutput`` on the spliced prompt: with ``labels``, next-token loss on
+        the answer tokens only (``logits`` ``[N, V]`` at those N positions)."""
+        return self.lm(inputs_embeds=self.embed(batch), attention_mask=batch.attention_mask,
+                       labels=batch.labels)  # fmt: skip
+
+    @torch.no_grad()
+    def generate(
+        self, batch: LlavaBatch, eos_id: int, pad_id: int, max_new_tokens: int | None = None,
+        on_token: Callable[[Tensor], None] | None = None, temperature: float = 0.0,
+    ) -> list[list[int]]:  # fmt: skip
+        """Greedy (or sampled) answers to a left-padded prompt batch with the KV cache: one id
+        list per row, cut before the first ``eos_id``. ``on_token([B])`` sees each column."""
+        new = generate(self.lm, inputs_embeds=self.embed(batch),
+                       attention_mask=batch.attention_mask,
+                       max_new_tokens=max_new_tokens or self.cfg.max_answer_tokens,
+                       stop_ids=[eos_id], pad_id=pad_id, on_token=on_token,
+                       temperature=temperature)  # fmt: skip
+        out = []
+        for row in new.tolist():
+            out.append(row[: row.index(eos_id)] if eos_id in row else row)
+        return out
