@@ -9,12 +9,11 @@ Which stages read captions and which are upcycled is named here (``caption_stage
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from vlmoe.config import ConfigError, StageConfig, TrainConfig
+from vlmoe.config import ConfigError, RunConfigBase, StageConfig, TrainConfig
 
 LM_SOURCES = ("smollm2", "random")
 VISIONS = ("efficientnet-lite0", "tiny")
@@ -75,43 +74,15 @@ class LlavaConfig:
 
 
 @dataclass
-class LlavaRunConfig:
+class LlavaRunConfig(RunConfigBase):
     """A generative run: model, training (the shared `TrainConfig`, with its stages), data."""
 
     task_kind: ClassVar[str] = "llava"
+    model_class: ClassVar[type] = LlavaConfig
     model: LlavaConfig = field(default_factory=LlavaConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: str = "easy-vqa"  #: "easy-vqa" or a JSONL file of {"image", "question", "answer"}
     preset: str = "moe-llava"  #: the preset this config came from (informational)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def stages(self) -> tuple[StageConfig, ...]:
-        """The stages to run, epochs and lr filled in from ``train``."""
-        t = self.train
-        stages = t.stages or (StageConfig(),)
-        return tuple(
-            dataclasses.replace(s, epochs=s.epochs or t.epochs, lr=s.lr or t.lr) for s in stages
-        )
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LlavaRunConfig:
-        """Rebuild from `to_dict()` output; a bad or unknown key raises ConfigError."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"config: expected an object, got {type(d).__name__}")
-        for key in ("model", "train"):
-            if not isinstance(d.get(key, {}), dict):
-                raise ConfigError(f"{key}: expected an object, got {type(d[key]).__name__}")
-        try:
-            return cls(
-                model=LlavaConfig(**d.get("model", {})),
-                train=TrainConfig(**d.get("train", {})),
-                data=d.get("data", "easy-vqa"),
-                preset=d.get("preset", "custom"),
-            )
-        except TypeError as e:
-            raise ConfigError(f"config: {e}") from None
 
 
 def _stages(align: float, dense: float, moe: float, lrs: tuple[float, float, float]) -> tuple:
