@@ -54,7 +54,10 @@ class Family:
         return importlib.import_module(self.module)
 
 
-FAMILIES: tuple[Family, ...] = (Family("vqa", "vlmoe.vqa_family", ("tiny", "default", "dense")),)
+FAMILIES: tuple[Family, ...] = (
+    Family("vqa", "vlmoe.vqa_family", ("tiny", "default", "dense")),
+    Family("contrastive", "vlmoe.limoe_family", ("limoe", "limoe-tiny", "limoe-dense")),
+)
 
 
 def all_presets() -> list[str]:

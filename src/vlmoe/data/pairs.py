@@ -354,11 +354,12 @@ def _parse_pair_line(line: str, where: str) -> tuple[str, str]:
 class PairBatch:
     """images float32 [B, 3, S, S] in [-1, 1]; input_ids long [B, L] ([CLS] first, padded
     with 0); attention_mask bool [B, L], True on real tokens; index long [B], the row of each
-    pair in its `PairSet` (for reports)."""
+    pair in its `PairSet` (for reports). For encoding one modality only (evaluation) either
+    ``images`` or ``input_ids`` + ``attention_mask`` may be None."""
 
-    images: torch.Tensor
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    images: torch.Tensor | None
+    input_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
     index: torch.Tensor
 
     def __len__(self) -> int:
@@ -368,10 +369,11 @@ class PairBatch:
         """A copy with every tensor on ``device``."""
         return PairBatch(
             **{
-                f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                f.name: None if (t := getattr(self, f.name)) is None
+                else t.to(device, non_blocking=non_blocking)
                 for f in fields(self)
             }
-        )
+        )  # fmt: skip
 
 
 def build_pair_tokenizer(*sets: PairSet, extra: Sequence[str] = ()) -> WordTokenizer:

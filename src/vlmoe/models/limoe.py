@@ -256,9 +256,16 @@ class LIMoE(nn.Module):
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: PairBatch) -> ModelOutput:
-        """One contrastive step on a `PairBatch` (images, input_ids, attention_mask)."""
+        """One contrastive step on a `PairBatch` (images, input_ids, attention_mask).
+
+        With only one modality given (``images`` or ``input_ids`` None) it only encodes:
+        loss None, logits = that modality's embeddings [B, E]. Evaluation encodes through
+        ``forward`` so that wrappers hooking it (FSDP's gathers, expert parallelism) act.
+        """
         enc = self.encode_pair(batch.images, batch.input_ids, batch.attention_mask)
-        assert enc.image is not None and enc.text is not None
+        if enc.image is None or enc.text is None:
+            emb = enc.image if enc.image is not None else enc.text
+            return ModelOutput(None, None, enc.aux_loss, emb, enc.routing)
         logits_BB = self.logit_scale() * enc.image @ enc.text.T
         pos_BB = (
             positives_from_ids(batch.input_ids, batch.attention_mask)
