@@ -1,0 +1,133 @@
+"""The LIMoE (contrastive) family end to end through `vlmoe.cli.main`: train the `limoe-tiny`
+preset, eval --json, ask --choices, stop + resume, a user's JSONL pairs, and the error lines
+of ask on a contrastive checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cli_helpers import last_json, run_cli
+from easy_vqa import get_test_image_paths
+
+from vlmoe.cli import main
+from vlmoe.data.pairs import easyvqa_captions
+
+TRAIN = ["train", "--preset", "limoe-tiny", "--no-progress", "--json", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def limoe_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """(checkpoint, train summary) of one `vlmoe train --preset limoe-tiny`."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("limoe") / "ck"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main([*TRAIN, "--out", str(out)]) == 0
+    return out, last_json(buf.getvalue())
+
+
+def _losses(ck: Path) -> dict[int, float]:
+    lines = [json.loads(s) for s in (ck / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m["loss"] for m in lines if m["kind"] == "train"}
+
+
+def test_train_writes_a_contrastive_checkpoint(limoe_run):
+    ck, summary = limoe_run
+    assert summary["step"] == summary["total_steps"] == 10  # 320 pairs // 32
+    meta = json.loads((ck / "config.json").read_text())
+    assert meta["task"] == "contrastive" and meta["run"]["preset"] == "limoe-tiny"
+    assert meta["run"]["model"]["vocab_size"] > 24  # taken from the tokenizer
+    assert (ck / "tokenizer.json").is_file()
+    kinds = summary["test_per_kind"]
+    assert {"zero_shot", "zero_shot_color", "zero_shot_shape", "retrieval_i2t_r1",
+            "retrieval_t2i_r5"} <= set(kinds)  # fmt: skip
+    assert summary["test_accuracy"] == kinds["zero_shot"]
+    lines = [json.loads(s) for s in (ck / "metrics.jsonl").read_text().splitlines()]
+    val = [m for m in lines if m["kind"] == "val"]
+    assert val and 0 < val[-1]["loss"] < 10  # a contrastive loss (ln 32 ≈ 3.5 at chance)
+    routing = [m for m in lines if m["kind"] == "routing"][-1]["layers"]
+    assert set(routing) == {"layer1.vision", "layer1.text"}  # one pool, seen per modality
+
+
+def test_eval_json_agrees_with_the_trainers_test(limoe_run, capsys):
+    ck, summary = limoe_run
+    rc, out, err = run_cli(capsys, "eval", "--checkpoint", str(ck), "--json")
+    assert rc == 0, err
+    res = last_json(out)
+    z, r = res["zero_shot"], res["retrieval"]
+    assert z["count"] == 1000 and r["count"] == 64  # the test images; 64 held-out emoji
+    assert z["accuracy"] == pytest.approx(100 * summary["test_accuracy"])
+    assert z["color_accuracy"] >= z["accuracy"] and z["shape_accuracy"] >= z["accuracy"]
+    for d in ("i2t", "t2i"):
+        assert 0 <= r[f"{d}_r1"] <= r[f"{d}_r5"] <= 100 and 1 <= r[f"{d}_mean_rank"] <= 64
+    rc, out, _ = run_cli(capsys, "eval", "--checkpoint", str(ck))
+    assert rc == 0 and "zero-shot over the captions" in out and "R@5" in out
+
+
+def test_ask_ranks_the_choices(limoe_run, capsys):
+    ck, _ = limoe_run
+    img = get_test_image_paths()[0]
+    choices = ["a red circle", "a blue rectangle", "a green triangle"]
+    rc, out, err = run_cli(capsys, "ask", "--checkpoint", str(ck), "--image", img, "--json",
+                           "--choices", *choices)  # fmt: skip
+    assert rc == 0, err
+    res = last_json(out)
+    probs = [t["prob"] for t in res["top"]]
+    assert sorted(t["text"] for t in res["top"]) == sorted(choices)
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-5)
+    assert res["answer"] == res["top"][0]["text"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--image", "IMG"], "--choices: a contrastive checkpoint ranks given texts"),
+        (["--choices", "a red circle"], "--image: a contrastive checkpoint ranks texts"),
+        (["--image", "IMG", "--choices", "a", " "], "--choices: text 2 is empty"),
+    ],
+)
+def test_ask_errors_are_one_line(limoe_run, capsys, extra, needle):
+    ck, _ = limoe_run
+    img = get_test_image_paths()[0]
+    argv = ["ask", "--checkpoint", str(ck), *[img if a == "IMG" else a for a in extra]]
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 1 and out == ""
+    assert err.strip().splitlines() == [err.strip()] and needle in err, err
+
+
+def test_stop_and_resume_follow_the_uninterrupted_run(limoe_run, tmp_path, capsys):
+    ck, _ = limoe_run
+    out = tmp_path / "ck"
+    rc, _, err = run_cli(capsys, *TRAIN, "--out", str(out), "--stop-after", "4")
+    assert rc == 0, err
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 4
+    rc, stdout, err = run_cli(capsys, *TRAIN, "--out", str(out), "--resume")
+    assert rc == 0, err
+    assert last_json(stdout)["step"] == 10
+    full, resumed = _losses(ck), _losses(out)
+    assert sorted(resumed) == sorted(full) == [2, 4, 6, 8, 10]
+    for step in (6, 8, 10):  # after the resume: the same data order, weights, optimiser
+        assert resumed[step] == pytest.approx(full[step], rel=1e-4), step
+
+
+def test_a_users_jsonl_pairs_train_and_evaluate(tmp_path, capsys):
+    pairs = easyvqa_captions("test", image_size=32)
+    paths = get_test_image_paths()
+    lines = [{"image": paths[i], "text": pairs.texts[i]} for i in range(48)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = tmp_path / "ck"
+    argv = [*TRAIN, "--data", str(data), "--out", str(out), "--batch-size", "8", "--epochs", "2"]
+    rc, stdout, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    summary = last_json(stdout)
+    # 10% of the 48 pairs held out: 43 train → 5 batches of 8 an epoch; no test split
+    assert summary["total_steps"] == 10 and "test_accuracy" not in summary
+    assert 0 <= summary["val_accuracy"] <= 1  # image→text R@1 on the 5 held-out pairs
+    rc, stdout, err = run_cli(capsys, "eval", "--checkpoint", str(out), "--json")
+    assert rc == 0, err
+    assert last_json(stdout)["retrieval"]["count"] == 48  # the whole file
