@@ -5,6 +5,7 @@ of ask on a contrastive checkpoint."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,36 @@ def test_a_users_jsonl_pairs_train_and_evaluate(tmp_path, capsys):
     rc, stdout, err = run_cli(capsys, "eval", "--checkpoint", str(out), "--json")
     assert rc == 0, err
     assert last_json(stdout)["retrieval"]["count"] == 48  # the whole file
+
+
+def test_inspect_reports_modality_shares(limoe_run, tmp_path, capsys):
+    ck, _ = limoe_run
+    out = tmp_path / "insp"
+    rc, stdout, err = run_cli(capsys, "inspect", "--checkpoint", str(ck), "--out", str(out),
+                              "--max-questions", "200", "--json")  # fmt: skip
+    assert rc == 0, err
+    res = last_json(stdout)
+    layer = res["layers"]["layer1"]
+    # 200 easy-VQA test pairs: 16 patches each; every word of every caption, [CLS] included
+    assert layer["vision"]["tokens"] == 200 * 16
+    assert layer["text"]["tokens"] == sum(len(t.split()) + 1 for t in easyvqa_captions("test", 32).texts[:200])  # fmt: skip
+    for m in ("vision", "text"):
+        assert sum(layer[m]["share"]) == pytest.approx(1, abs=1e-3)
+        assert 1 <= layer[m]["experts_taking"] <= 4
+    experts = layer["experts"]
+    assert sum(e["image_tokens"] for e in experts) == 200 * 16
+    assert all(0 <= e["text_share_of_expert"] <= 1 for e in experts)
+    words = {w for e in experts for w in e["top_words"]}
+    assert "[CLS]" in words and "a" in words
+    assert {p.name for p in out.iterdir()} >= {"modality.png", "patches.png", "report.md",
+                                               "report.html", "routing.json"}  # fmt: skip
+    assert "text share of expert" in (out / "report.md").read_text()
+
+
+def test_load_summary_counts_the_experts_that_take_text():
+    from vlmoe.limoe_inspect import load_summary
+
+    s = load_summary([90, 6, 4, 0])
+    assert s["experts_taking"] == 2 and s["top_share"] == 0.9  # 4% < 5%: not taken
+    assert s["load_entropy"] == pytest.approx(-(0.9 * math.log(0.9) + 0.06 * math.log(0.06) + 0.04 * math.log(0.04)), abs=1e-4)  # fmt: skip
+    assert load_summary([1, 1, 1, 1])["load_entropy"] == pytest.approx(math.log(4), abs=1e-4)

@@ -88,7 +88,11 @@ def run(args: argparse.Namespace) -> int:
     patches.png, text_experts.md and routing.json to --out.
     """
     from vlmoe.cli import parse_device
+    from vlmoe.families import family_of_checkpoint
 
+    hooks = family_of_checkpoint(args.checkpoint)[0].hooks()
+    if hasattr(hooks, "inspect_command"):  # another family's own analysis (e.g. LIMoE)
+        return int(hooks.inspect_command(args))
     if args.threads is not None:
         if args.threads < 1:
             raise DataError(f"--threads: expected >= 1, got {args.threads}")
