@@ -165,3 +165,23 @@ def test_load_summary_counts_the_experts_that_take_text():
     assert s["experts_taking"] == 2 and s["top_share"] == 0.9  # 4% < 5%: not taken
     assert s["load_entropy"] == pytest.approx(-(0.9 * math.log(0.9) + 0.06 * math.log(0.06) + 0.04 * math.log(0.04)), abs=1e-4)  # fmt: skip
     assert load_summary([1, 1, 1, 1])["load_entropy"] == pytest.approx(math.log(4), abs=1e-4)
+
+
+def test_compare_contrastive_quick(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc, stdout, err = run_cli(capsys, "compare", "--family", "contrastive", "--quick", "--steps", "3",
+                              "--seeds", "1", "--variants", "dense", "limoe", "--out", str(out))  # fmt: skip
+    assert rc == 0, err
+    summary = json.loads((out / "compare.json").read_text())
+    v = summary["variants"]
+    assert list(v) == ["dense", "limoe"] and summary["steps"] == 3
+    for name in v:
+        run = v[name]["runs"][0]
+        assert run["steps"] == 3 and 0 < run["final_val_loss"] < 10
+        assert 0 <= v[name]["zero_shot_mean"] <= 1
+    assert v["dense"]["text_spread"] == {}  # no experts to collapse onto
+    spread = v["limoe"]["text_spread"]["layer1"]
+    assert 1 <= spread["experts_taking"]["mean"] <= 4 and spread["experts_taking"]["std"] == 0
+    assert (
+        "| limoe |" in stdout and (out / "curves.png").is_file() and (out / "compare.md").is_file()
+    )

@@ -186,8 +186,8 @@ def limoe() -> LIMoERunConfig:
     """
     return LIMoERunConfig(
         model=LIMoEConfig(moe=_moe(8, 1, 3)),
-        train=TrainConfig(epochs=10, batch_size=128, lr=1e-3, warmup_steps=100, hflip=False),
-        pairs=PairDataConfig(twemoji_repeat=3),
+        train=TrainConfig(epochs=25, batch_size=128, lr=2e-3, warmup_steps=50, hflip=False),
+        pairs=PairDataConfig(twemoji_repeat=1),
         preset="limoe",
     )
 

@@ -190,12 +190,14 @@ def pixel_attributes(
     return {color}, {shape}
 
 
+@functools.lru_cache(maxsize=8)
 def easyvqa_captions(
     split: str, image_size: int = 64, val_fraction: float = 0.1, seed: int = 0
 ) -> PairSet:
     """One pair per easy-VQA image of ``split`` ("train" | "val" | "test", carved as in
     `load_easyvqa`): the image and its caption "a {colour} {shape}"; labels index
-    `EASYVQA_CAPTIONS`."""
+    `EASYVQA_CAPTIONS`. Cached (reading the captions off ~10 questions per image takes
+    seconds; a compare or a test suite asks again and again): treat the set as read-only."""
     vqa = load_easyvqa(split, image_size, val_fraction, seed)
     attrs = image_attributes(vqa)
     texts = [f"a {c} {s}" for c, s in attrs]
