@@ -178,7 +178,8 @@ class LIMoE(nn.Module):
         self.text_tower = Tower(cfg) if cfg.towers == 2 else None
         self.proj_image = nn.Linear(D, cfg.embed_dim, bias=False)
         self.proj_text = nn.Linear(D, cfg.embed_dim, bias=False)
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        # shape [1], not a scalar: FSDP2's fully_shard refuses 0-dim parameters
+        self.log_logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / cfg.init_temperature)]))
         self.apply(init_linear)
 
     # ------------------------------------------------------------------ inputs / pooling
@@ -252,7 +253,7 @@ class LIMoE(nn.Module):
 
     def logit_scale(self) -> torch.Tensor:
         """The learned 1/τ, clamped to ``max_logit_scale`` (CLIP's 100) in the forward."""
-        return self.log_logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
+        return self.log_logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()[0]
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: PairBatch) -> ModelOutput:
