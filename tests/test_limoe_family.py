@@ -185,3 +185,22 @@ def test_compare_contrastive_quick(tmp_path, capsys):
     assert (
         "| limoe |" in stdout and (out / "curves.png").is_file() and (out / "compare.md").is_file()
     )
+
+
+def test_two_processes_train_and_the_checkpoint_loads_in_one(tmp_path, capsys):
+    """torchrun, 2 processes (experts sharded, FSDP2): the Task contract holds (each rank its
+    block of the global batch, every rank the same evaluation); one process reads the result."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ck"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "vlmoe", *TRAIN, "--out", str(out), "--stop-after", "4"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLMOE_DIST_TIMEOUT": "60"}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 4
+    rc, stdout, err = run_cli(capsys, "eval", "--checkpoint", str(out), "--json")
+    assert rc == 0, err
+    assert last_json(stdout)["zero_shot"]["count"] == 1000
