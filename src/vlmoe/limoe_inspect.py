@@ -73,7 +73,7 @@ class _Layer:
                 self.words[e][words[i]] += 1
             return
         for e, (b, p) in zip(first[keep].tolist(), where[keep].tolist(), strict=True):
-            if len(self.patches[e]) < 64:  # a pool to pick examples from
+            if len(self.patches[e]) < 50_000:  # the examples are picked evenly from these
                 self.patches[e].append((offset + b, p))
 
     def summary(self) -> dict[str, Any]:
@@ -204,7 +204,8 @@ def plot_expert_patches(layers: dict[int, _Layer], pairs: PairSet, patch: int, p
                              figsize=(PATCHES_PER_EXPERT * 0.8, len(rows) * 0.85))  # fmt: skip
     for r, (i, e) in enumerate(rows):
         pool = layers[i].patches[e]
-        picks = pool[:: max(1, len(pool) // PATCHES_PER_EXPERT)][:PATCHES_PER_EXPERT]
+        step = len(pool) / PATCHES_PER_EXPERT
+        picks = [pool[int(k * step)] for k in range(PATCHES_PER_EXPERT)] if step >= 1 else pool
         for c in range(PATCHES_PER_EXPERT):
             ax = axes[r, c]
             ax.set_xticks([])
