@@ -173,16 +173,18 @@ def _moe(num_experts: int, top_k: int, min_experts: int) -> MoEConfig:
 
 
 def limoe() -> LIMoERunConfig:
-    """The main contrastive job: LIMoE on easy-VQA captions + Twemoji names.
+    """The main contrastive job: `vlmoe train --preset limoe` — LIMoE on easy-VQA captions +
+    Twemoji names (3,600 + 975 training pairs: emoji once per epoch, 111 held out for
+    validation, 278 for the test).
 
     64×64 images as 16 patch tokens (conv stem), D=128, one 4-block tower shared by images and
     words, the shared pool of 8 experts (hidden 256, top-1) in blocks 1 and 3, entropy losses
-    per modality (global threshold log 3); embeddings 128-d; batch 128, AdamW 1e-3.
-    Run time and result with the trainer: not yet measured. A probe (plain loop, 400 steps of
-    batch 128 ≈ 7.4 epochs of its 6,942 pairs, 1 thread on a busy 2-core machine, ~4–8 min):
-    easy-VQA zero-shot 85.2% on the 1,000 test images (the dense twin: 94.2%); unseen-emoji
-    retrieval i2t R@1 4.3% / R@5 14.7% of 278 (dense 3.6% / 15.8%). Both still improving:
-    ``python bench/limoe_probe.py --steps 400 --warmup 40``.
+    per modality (weights 0.1, global threshold log 3); embeddings 128-d; batch 128, AdamW
+    2e-3, 50 warm-up steps, cosine; 25 epochs = 875 steps.
+    Measured (seed 0, 1 thread, 577 s of CPU; 25.6 min wall on a 2-core machine running ~10
+    other threads): easy-VQA zero-shot 99.6% on the 1,000 test images (colour 100%, shape
+    99.6%); 278 unseen emoji: image→text R@1 4.0% / R@5 12.9%, text→image 2.9% / 11.5%.
+    (The earlier recipe — lr 1e-3, emoji 3× per epoch — reached 85.2% in 400 steps.)
     """
     return LIMoERunConfig(
         model=LIMoEConfig(moe=_moe(8, 1, 3)),
