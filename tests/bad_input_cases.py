@@ -368,7 +368,32 @@ CHECKPOINT_CASES = [
     _c("weights-bool", "a tensor of dtype bool", EVAL, "dtype", edit_weights(_boolify_first)),
 ]  # fmt: skip
 
-CASES = CLI_CASES + JSONL_CASES + CHECKPOINT_CASES
+GOOD_PAIRS = [
+    {"image": "img.png", "text": "a red circle"},
+    {"image": "img.png", "text": "a circle"},
+]
+#: `vlmoe train` of the contrastive family on a user's image–text pairs (S/pairs.jsonl)
+TRAIN_PAIRS = ["train", "--preset", "limoe-tiny", "--data", "{S}/pairs.jsonl", "--out", "{S}/run",
+               "--no-progress"]  # fmt: skip
+
+
+def pairs_with(line: str | dict) -> Setup:
+    """pairs.jsonl: two good image–text lines, then ``line`` (line 3)."""
+    extra = line if isinstance(line, str) else json.dumps(line)
+    return write("pairs.jsonl", "".join(json.dumps(r) + "\n" for r in GOOD_PAIRS) + extra + "\n")
+
+
+PAIR_CASES = [
+    _c("pairs-truncated", "image–text JSONL: a line cut short", TRAIN_PAIRS, "pairs.jsonl:3: invalid JSON", pairs_with('{"image": "img.png", "te')),
+    _c("pairs-array", "image–text JSONL: a line that is an array", TRAIN_PAIRS, "pairs.jsonl:3: expected a JSON object", pairs_with('["img.png", "a cat"]')),
+    _c("pairs-missing-text", "image–text JSONL: a line without `text`", TRAIN_PAIRS, "pairs.jsonl:3: missing field 'text'", pairs_with({"image": "img.png"})),
+    _c("pairs-number-text", "image–text JSONL: `text` is a number", TRAIN_PAIRS, "pairs.jsonl:3: field 'text' must be a string", pairs_with({"image": "img.png", "text": 7})),
+    _c("pairs-blank-text", "image–text JSONL: `text` is blank", TRAIN_PAIRS, "pairs.jsonl:3: field 'text' is empty", pairs_with({"image": "img.png", "text": "  "})),
+    _c("pairs-image-missing", "image–text JSONL: a line's image does not exist", TRAIN_PAIRS, "pairs.jsonl:3:", pairs_with({"image": "nope.png", "text": "a cat"})),
+    _c("pairs-few", "image–text JSONL: 3 pairs, batch size 32 (limoe-tiny's)", TRAIN_PAIRS, "fewer than one batch", pairs_with({"image": "img.png", "text": "a cat"})),
+]  # fmt: skip
+
+CASES = CLI_CASES + JSONL_CASES + CHECKPOINT_CASES + PAIR_CASES
 
 # Generative (MoE-LLaVA) checkpoints: run by tests/llava/test_llava_bad_input.py on a sandbox
 # whose S/ck is a `moe-llava-tiny` checkpoint (not part of CASES, whose S/ck is a VQA one).

@@ -465,6 +465,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from vlmoe.cli import MAX_THREADS
     from vlmoe.validate import float_arg, int_arg
 
+    p.add_argument(
+        "--family", default="vqa", choices=["vqa", "contrastive"],
+        help="vqa: dense vs MoE VL-MoE (default); contrastive: dense twin vs LIMoE with / "
+        "without entropy losses (variants dense, limoe-noent, limoe)",
+    )  # fmt: skip
     p.add_argument("--data", default="easy-vqa", help="'easy-vqa' (default) or a JSONL file")
     p.add_argument(
         "--steps",
@@ -482,9 +487,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--variants",
         nargs="+",
-        default=list(VARIANTS),
+        default=None,
         metavar="NAME",
-        help=f"which variants (default: all of {' '.join(VARIANTS)})",
+        help=f"which variants (default: all of the family's; vqa: {' '.join(VARIANTS)})",
     )
     p.add_argument(
         "--threads",
@@ -522,6 +527,11 @@ def run(args: argparse.Namespace) -> int:
     Trains `dense`, `moe`, `moe-vision`, `moe-text` and `dense-wide` under one identical
     budget and reports parameters, FLOPs, step time and validation loss/accuracy (mean ± std).
     """
+    if args.family == "contrastive":
+        from vlmoe.limoe_compare import run_contrastive
+
+        return run_contrastive(args)
+    args.variants = args.variants or list(VARIANTS)
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else DEFAULT_STEPS)
     if steps <= 0:
         raise ConfigError(f"--steps: expected a positive integer, got {steps}")

@@ -5,9 +5,11 @@
   set (Twemoji test emoji) where pair i's image matches pair i's text;
 - ranking the texts given for one image (`vlmoe ask --choices`).
 
-Every function takes the model (anything with ``encode_image``, ``encode_text`` and
-``logit_scale``) and the `WordTokenizer`, runs in eval mode under ``torch.no_grad`` and puts
-the model's mode back. Shapes: N images, M texts, E embedding width.
+Every function takes the model (a `LIMoE`: its ``forward`` encodes a one-modality
+`PairBatch`, ``logit_scale`` gives 1/τ) and the `WordTokenizer`, runs in eval mode under
+``torch.no_grad`` and puts the model's mode back. Embeddings go through ``forward`` so that
+parallel wrappers (FSDP, expert parallelism) see every call; under several processes every
+rank must run the same evaluation. Shapes: N images, M texts, E embedding width.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from vlmoe.data.pairs import PairSet
+from vlmoe.data.pairs import EASYVQA_CAPTIONS, PairBatch, PairSet, iterate_pair_batches
 from vlmoe.data.tokenizer import WordTokenizer
 
 
@@ -37,6 +39,10 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _embed_dim(model: nn.Module) -> int:
+    return int(model.cfg.embed_dim)
+
+
 def embed_images(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """uint8 [N, 3, S, S] (or float already in [-1, 1]) → embeddings float [N, E] (CPU)."""
     dev = _device(model)
@@ -45,8 +51,9 @@ def embed_images(model: nn.Module, images: torch.Tensor, batch_size: int = 256) 
         for i in range(0, images.shape[0], batch_size):
             x = images[i : i + batch_size]
             x = x.float().div(127.5).sub(1.0) if x.dtype == torch.uint8 else x.float()
-            out.append(model.encode_image(x.to(dev)).cpu())
-    return torch.cat(out) if out else torch.zeros(0, model.cfg.embed_dim)
+            idx = torch.arange(i, i + x.shape[0])
+            out.append(model(PairBatch(x.to(dev), None, None, idx)).logits.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, _embed_dim(model))
 
 
 def embed_texts(
@@ -62,8 +69,9 @@ def embed_texts(
     with _eval_mode(model):
         for i in range(0, len(texts), batch_size):
             ids, mask = tokenizer.encode_batch(list(texts[i : i + batch_size]), max_len)
-            out.append(model.encode_text(ids.to(dev), mask.to(dev)).cpu())
-    return torch.cat(out) if out else torch.zeros(0, model.cfg.embed_dim)
+            batch = PairBatch(None, ids.to(dev), mask.to(dev), torch.arange(i, i + len(ids)))
+            out.append(model(batch).logits.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, _embed_dim(model))
 
 
 def zero_shot(
@@ -76,7 +84,9 @@ def zero_shot(
     """Zero-shot classification: each image with a label (``pairs.labels >= 0``) is assigned
     the class text (default ``pairs.classes``) most similar to it.
 
-    Returns {"accuracy": %, "correct": n, "count": n}; count 0 gives accuracy 0.
+    Returns {"accuracy": %, "correct": n, "count": n}; count 0 gives accuracy 0. With the
+    24 easy-VQA captions as classes also "color_accuracy" and "shape_accuracy" (%): how often
+    the chosen caption has the right colour / the right shape.
     """
     classes = list(pairs.classes if classes is None else classes)
     keep = (pairs.labels >= 0).nonzero().flatten()
@@ -85,8 +95,31 @@ def zero_shot(
     img = embed_images(model, pairs.images[keep])
     txt = embed_texts(model, tokenizer, classes, max_len)
     pred = (img @ txt.T).argmax(1)
-    correct = int((pred == pairs.labels[keep]).sum())
-    return {"accuracy": 100.0 * correct / len(keep), "correct": correct, "count": len(keep)}
+    gold = pairs.labels[keep]
+    correct = int((pred == gold).sum())
+    out = {"accuracy": 100.0 * correct / len(keep), "correct": correct, "count": len(keep)}
+    if tuple(classes) == EASYVQA_CAPTIONS:  # index = 3 · colour + shape
+        out["color_accuracy"] = 100.0 * int((pred // 3 == gold // 3).sum()) / len(keep)
+        out["shape_accuracy"] = 100.0 * int((pred % 3 == gold % 3).sum()) / len(keep)
+    return out
+
+
+def contrastive_loss_on(
+    model: nn.Module, tokenizer: WordTokenizer, pairs: PairSet, max_len: int, batch_size: int
+) -> float:
+    """Mean task (contrastive) loss of the model's ``forward`` over ``pairs`` cut in order into
+    batches of ``batch_size`` (the last, smaller batch included, weighted by its size). The
+    loss depends on the batch (its negatives): compare values at one batch size only."""
+    total, n = 0.0, 0
+    dev = _device(model)
+    with _eval_mode(model):
+        for b in iterate_pair_batches(pairs, tokenizer, batch_size, shuffle=False, max_len=max_len):
+            if len(b) < 2:  # one pair has no negative: nothing to measure
+                continue
+            out = model(b.to(dev))
+            total += float(out.task_loss) * len(b)
+            n += len(b)
+    return total / n if n else float("nan")
 
 
 def ranks(sim_NN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -171,7 +171,7 @@ def test_contrastive_splits_of_the_tiny_preset():
     from vlmoe.limoe_config import limoe_tiny
 
     cfg = limoe_tiny()
-    s = contrastive_splits(cfg.data, cfg.model.image_size)
+    s = contrastive_splits(cfg.pairs, cfg.model.image_size)
     assert set(s) == {"train", "val_zero_shot", "test_zero_shot", "val_retrieval", "test_retrieval"}
     assert len(s["train"]) == 256 + 64 and len(s["test_zero_shot"]) == 1000
     assert (s["train"].labels[:256] >= 0).all() and (s["train"].labels[256:] == -1).all()

@@ -190,12 +190,14 @@ def pixel_attributes(
     return {color}, {shape}
 
 
+@functools.lru_cache(maxsize=8)
 def easyvqa_captions(
     split: str, image_size: int = 64, val_fraction: float = 0.1, seed: int = 0
 ) -> PairSet:
     """One pair per easy-VQA image of ``split`` ("train" | "val" | "test", carved as in
     `load_easyvqa`): the image and its caption "a {colour} {shape}"; labels index
-    `EASYVQA_CAPTIONS`."""
+    `EASYVQA_CAPTIONS`. Cached (reading the captions off ~10 questions per image takes
+    seconds; a compare or a test suite asks again and again): treat the set as read-only."""
     vqa = load_easyvqa(split, image_size, val_fraction, seed)
     attrs = image_attributes(vqa)
     texts = [f"a {c} {s}" for c, s in attrs]
@@ -354,11 +356,12 @@ def _parse_pair_line(line: str, where: str) -> tuple[str, str]:
 class PairBatch:
     """images float32 [B, 3, S, S] in [-1, 1]; input_ids long [B, L] ([CLS] first, padded
     with 0); attention_mask bool [B, L], True on real tokens; index long [B], the row of each
-    pair in its `PairSet` (for reports)."""
+    pair in its `PairSet` (for reports). For encoding one modality only (evaluation) either
+    ``images`` or ``input_ids`` + ``attention_mask`` may be None."""
 
-    images: torch.Tensor
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    images: torch.Tensor | None
+    input_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
     index: torch.Tensor
 
     def __len__(self) -> int:
@@ -368,10 +371,11 @@ class PairBatch:
         """A copy with every tensor on ``device``."""
         return PairBatch(
             **{
-                f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                f.name: None if (t := getattr(self, f.name)) is None
+                else t.to(device, non_blocking=non_blocking)
                 for f in fields(self)
             }
-        )
+        )  # fmt: skip
 
 
 def build_pair_tokenizer(*sets: PairSet, extra: Sequence[str] = ()) -> WordTokenizer:

@@ -178,7 +178,8 @@ class LIMoE(nn.Module):
         self.text_tower = Tower(cfg) if cfg.towers == 2 else None
         self.proj_image = nn.Linear(D, cfg.embed_dim, bias=False)
         self.proj_text = nn.Linear(D, cfg.embed_dim, bias=False)
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        # shape [1], not a scalar: FSDP2's fully_shard refuses 0-dim parameters
+        self.log_logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / cfg.init_temperature)]))
         self.apply(init_linear)
 
     # ------------------------------------------------------------------ inputs / pooling
@@ -252,13 +253,20 @@ class LIMoE(nn.Module):
 
     def logit_scale(self) -> torch.Tensor:
         """The learned 1/τ, clamped to ``max_logit_scale`` (CLIP's 100) in the forward."""
-        return self.log_logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
+        return self.log_logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()[0]
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: PairBatch) -> ModelOutput:
-        """One contrastive step on a `PairBatch` (images, input_ids, attention_mask)."""
+        """One contrastive step on a `PairBatch` (images, input_ids, attention_mask).
+
+        With only one modality given (``images`` or ``input_ids`` None) it only encodes:
+        loss None, logits = that modality's embeddings [B, E]. Evaluation encodes through
+        ``forward`` so that wrappers hooking it (FSDP's gathers, expert parallelism) act.
+        """
         enc = self.encode_pair(batch.images, batch.input_ids, batch.attention_mask)
-        assert enc.image is not None and enc.text is not None
+        if enc.image is None or enc.text is None:
+            emb = enc.image if enc.image is not None else enc.text
+            return ModelOutput(None, None, enc.aux_loss, emb, enc.routing)
         logits_BB = self.logit_scale() * enc.image @ enc.text.T
         pos_BB = (
             positives_from_ids(batch.input_ids, batch.attention_mask)
