@@ -46,8 +46,8 @@ from vlmoe.data.pairs import (
     iterate_pair_batches,
     twemoji_pairs,
 )
-from vlmoe.evaluate_contrastive import retrieval, zero_shot
-from vlmoe.limoe_config import limoe, limoe_dense
+from vlmoe.limoe.config import limoe, limoe_dense
+from vlmoe.limoe.evaluate import retrieval, zero_shot
 from vlmoe.models.limoe import LIMoE
 
 

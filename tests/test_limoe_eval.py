@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from vlmoe.data.pairs import EASYVQA_CAPTIONS, build_pair_tokenizer, easyvqa_captions
-from vlmoe.evaluate_contrastive import (
+from vlmoe.limoe.config import limoe_tiny
+from vlmoe.limoe.evaluate import (
     evaluate_contrastive,
     rank_texts,
     ranks,
     retrieval_metrics,
     zero_shot,
 )
-from vlmoe.limoe_config import limoe_tiny
 from vlmoe.models.limoe import LIMoE
 
 

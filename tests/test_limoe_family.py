@@ -159,7 +159,7 @@ def test_inspect_reports_modality_shares(limoe_run, tmp_path, capsys):
 
 
 def test_load_summary_counts_the_experts_that_take_text():
-    from vlmoe.limoe_inspect import load_summary
+    from vlmoe.limoe.inspect import load_summary
 
     s = load_summary([90, 6, 4, 0])
     assert s["experts_taking"] == 2 and s["top_share"] == 0.9  # 4% < 5%: not taken

@@ -16,7 +16,7 @@ from vlmoe.data.pairs import (
     easyvqa_captions,
     iterate_pair_batches,
 )
-from vlmoe.limoe_config import limoe, limoe_dense, limoe_tiny
+from vlmoe.limoe.config import limoe, limoe_dense, limoe_tiny
 from vlmoe.models.limoe import LIMoE, contrastive_loss, positives_from_ids
 from vlmoe.moe import MoE
 
@@ -216,7 +216,7 @@ def test_config_and_weights_round_trip(tmp_path, pairs, tok):
 
     from safetensors.torch import load_file, save_file
 
-    from vlmoe.limoe_config import LIMOE_PRESETS, LIMoERunConfig
+    from vlmoe.limoe.config import LIMOE_PRESETS, LIMoERunConfig
 
     for name, preset in LIMOE_PRESETS.items():
         cfg = preset()
@@ -244,7 +244,7 @@ def test_config_and_weights_round_trip(tmp_path, pairs, tok):
 )
 def test_config_errors_name_the_field(field, value, message):
     from vlmoe.config import ConfigError
-    from vlmoe.limoe_config import LIMoEConfig
+    from vlmoe.limoe.config import LIMoEConfig
 
     with pytest.raises(ConfigError, match=message):
         LIMoEConfig(**{field: value})

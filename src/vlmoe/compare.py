@@ -528,7 +528,7 @@ def run(args: argparse.Namespace) -> int:
     budget and reports parameters, FLOPs, step time and validation loss/accuracy (mean ± std).
     """
     if args.family == "contrastive":
-        from vlmoe.limoe_compare import run_contrastive
+        from vlmoe.limoe.compare import run_contrastive
 
         return run_contrastive(args)
     args.variants = args.variants or list(VARIANTS)

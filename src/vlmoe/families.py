@@ -56,7 +56,7 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family("vqa", "vlmoe.vqa_family", ("tiny", "default", "dense")),
-    Family("contrastive", "vlmoe.limoe_family", ("limoe", "limoe-tiny", "limoe-dense")),
+    Family("contrastive", "vlmoe.limoe.family", ("limoe", "limoe-tiny", "limoe-dense")),
     Family("llava", "vlmoe.llava.family", ("moe-llava", "moe-llava-tiny")),
 )
 

@@ -168,7 +168,7 @@ def test_batches_deterministic_sharded_resumable():
 
 def test_contrastive_splits_of_the_tiny_preset():
     from vlmoe.data.pairs import contrastive_splits
-    from vlmoe.limoe_config import limoe_tiny
+    from vlmoe.limoe.config import limoe_tiny
 
     cfg = limoe_tiny()
     s = contrastive_splits(cfg.pairs, cfg.model.image_size)

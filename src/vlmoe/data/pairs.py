@@ -264,7 +264,7 @@ def twemoji_pairs(
 
 
 def contrastive_splits(data: Any, image_size: int, seed: int = 0, val_fraction: float = 0.1) -> dict[str, PairSet]:  # fmt: skip
-    """Every set a contrastive run needs, from a `vlmoe.limoe_config.PairDataConfig`:
+    """Every set a contrastive run needs, from a `vlmoe.limoe.config.PairDataConfig`:
 
     "train"                 easy-VQA train captions + Twemoji train (× ``twemoji_repeat``)
                             + the JSONL pairs (whichever are switched on)

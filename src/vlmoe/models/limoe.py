@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmoe.limoe_config import LIMoEConfig
+from vlmoe.limoe.config import LIMoEConfig
 from vlmoe.models.blocks import Attention
 from vlmoe.models.output import ModelOutput, RoutingRecord, init_linear
 from vlmoe.models.text import TextEmbedding

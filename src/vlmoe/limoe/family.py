@@ -1,5 +1,5 @@
 """The LIMoE contrastive image–text family (checkpoint kind ``"contrastive"``): presets
-``limoe``, ``limoe-tiny``, ``limoe-dense``, the training task (`vlmoe.limoe_task`) and
+``limoe``, ``limoe-tiny``, ``limoe-dense``, the training task (`vlmoe.limoe.task`) and
 `vlmoe eval` / `ask` / `inspect` on its checkpoints. See `vlmoe.families`.
 
 Twemoji graphics © Twitter, Inc and other contributors, CC-BY 4.0 (the emoji pairs).
@@ -11,8 +11,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from vlmoe.limoe_config import LIMOE_PRESETS, LIMoERunConfig
-from vlmoe.limoe_task import ContrastiveTask
+from vlmoe.limoe.config import LIMOE_PRESETS, LIMoERunConfig
+from vlmoe.limoe.task import ContrastiveTask
 from vlmoe.validate import UsageError, check_input_file, check_text, json_line
 
 __all__ = ["PRESETS", "ask_command", "config_from_dict", "eval_command", "inspect_command",
@@ -46,8 +46,8 @@ def evaluate_checkpoint(
     test emoji are unseen in training). data a JSONL file: retrieval over its pairs.
     """
     from vlmoe.data.pairs import contrastive_splits, load_pairs_jsonl
-    from vlmoe.evaluate_contrastive import retrieval, zero_shot
-    from vlmoe.limoe_task import load_contrastive
+    from vlmoe.limoe.evaluate import retrieval, zero_shot
+    from vlmoe.limoe.task import load_contrastive
     from vlmoe.validate import EASYVQA_NAMES
 
     ck = load_contrastive(checkpoint, device)
@@ -94,8 +94,8 @@ def ask_command(args: argparse.Namespace) -> int:
     """Rank the --choices texts for --image: probabilities (softmax of scaled similarity)."""
     from vlmoe.cli import parse_device
     from vlmoe.data import load_image
-    from vlmoe.evaluate_contrastive import rank_texts
-    from vlmoe.limoe_task import load_contrastive
+    from vlmoe.limoe.evaluate import rank_texts
+    from vlmoe.limoe.task import load_contrastive
 
     if args.image is None:
         raise UsageError("--image: a contrastive checkpoint ranks texts against an image: give one")  # fmt: skip
@@ -125,6 +125,6 @@ def ask_command(args: argparse.Namespace) -> int:
 
 def inspect_command(args: argparse.Namespace) -> int:
     """Per expert: image vs text share, per-modality entropy and load, top words, patches."""
-    from vlmoe.limoe_inspect import run_inspect
+    from vlmoe.limoe.inspect import run_inspect
 
     return run_inspect(args)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from vlmoe.config import ConfigError, StageConfig, TrainConfig
+from vlmoe.config import ConfigError, RunConfigBase, TrainConfig
 from vlmoe.moe import MoEConfig
 
 IMAGE_POOLS = ("mean", "cls")
@@ -106,7 +106,7 @@ class PairDataConfig:
 
 
 @dataclass
-class LIMoERunConfig:
+class LIMoERunConfig(RunConfigBase):
     """Everything a contrastive run needs: model, training (the shared `TrainConfig`) and
     data. Round-trips through JSON like `vlmoe.config.RunConfig`.
 
@@ -117,22 +117,12 @@ class LIMoERunConfig:
 
     #: the model family that trains this config (`vlmoe.families`; a class constant)
     task_kind: ClassVar[str] = "contrastive"
+    model_class: ClassVar[type] = LIMoEConfig
     model: LIMoEConfig = field(default_factory=LIMoEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pairs: PairDataConfig = field(default_factory=PairDataConfig)
     data: str = "easy-vqa"  #: "easy-vqa" (the built-in pairs of ``pairs``) or a JSONL file
     preset: str = "limoe"  #: the preset this config came from (informational)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def stages(self) -> tuple[StageConfig, ...]:
-        """The stages to run, with epochs and lr filled in from ``train``."""
-        t = self.train
-        return tuple(
-            dataclasses.replace(s, epochs=s.epochs or t.epochs, lr=s.lr or t.lr)
-            for s in (t.stages or (StageConfig(),))
-        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LIMoERunConfig:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmoe.config import ConfigError
-from vlmoe.limoe_config import LIMoERunConfig, limoe, limoe_dense, limoe_tiny
+from vlmoe.limoe.config import LIMoERunConfig, limoe, limoe_dense, limoe_tiny
 
 VARIANTS = ("dense", "limoe-noent", "limoe")
 DEFAULT_STEPS = 150
@@ -75,10 +75,10 @@ def variant_configs(base: LIMoERunConfig, names: list[str]) -> dict[str, LIMoERu
 
 def text_spread(checkpoint: Path) -> dict[str, dict[str, Any]]:
     """Per MoE block of a run's checkpoint: the validation text tokens' spread over experts
-    (`vlmoe.limoe_inspect.load_summary`) and their mean routing entropy; {} when dense."""
+    (`vlmoe.limoe.inspect.load_summary`) and their mean routing entropy; {} when dense."""
     from vlmoe.data.pairs import concat_pairs
-    from vlmoe.limoe_inspect import load_summary, route_pairs
-    from vlmoe.limoe_task import load_contrastive, load_pair_sets
+    from vlmoe.limoe.inspect import load_summary, route_pairs
+    from vlmoe.limoe.task import load_contrastive, load_pair_sets
 
     ck = load_contrastive(checkpoint)
     if not ck.config.model.moe_layers:
@@ -103,7 +103,7 @@ def compare_contrastive(base: LIMoERunConfig, out: Path, steps: int, seeds: int,
                         variants: list[str], log: Any) -> dict[str, Any]:  # fmt: skip
     """Train every (seed, variant) for ``steps`` steps; the summary dict (compare.json)."""
     from vlmoe.compare import run_one
-    from vlmoe.limoe_task import ContrastiveTask
+    from vlmoe.limoe.task import ContrastiveTask
 
     t0 = time.time()
     task = ContrastiveTask(base)  # loads the data once: a bad --data fails before training

@@ -39,8 +39,8 @@ from vlmoe.data.pairs import (
 )
 from vlmoe.data.tokenizer import WordTokenizer
 from vlmoe.evaluate import EvalResult
-from vlmoe.evaluate_contrastive import contrastive_loss_on, retrieval, zero_shot
-from vlmoe.limoe_config import LIMoERunConfig
+from vlmoe.limoe.config import LIMoERunConfig
+from vlmoe.limoe.evaluate import contrastive_loss_on, retrieval, zero_shot
 from vlmoe.models.limoe import LIMoE
 from vlmoe.train.task import load_matching
 from vlmoe.validate import EASYVQA_NAMES, check_batch_fits

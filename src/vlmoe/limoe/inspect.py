@@ -135,7 +135,7 @@ def inspect_contrastive(checkpoint: str | Path, data: str | None = None, split: 
     docstring into ``out`` (default CHECKPOINT/inspect); returns routing.json's content.
     A checkpoint without MoE blocks (the dense twin) raises CheckpointError."""
     from vlmoe.checkpoint import CheckpointError
-    from vlmoe.limoe_task import load_contrastive
+    from vlmoe.limoe.task import load_contrastive
 
     ck = load_contrastive(checkpoint, device)
     if not ck.config.model.moe_layers:
