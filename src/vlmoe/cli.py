@@ -174,7 +174,7 @@ def _report_training(res: TrainResult, as_json: bool) -> int:
         print(f"validation accuracy: {res.val.accuracy:.4f}")
     if res.test is not None:
         kinds = ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in res.test.per_kind.items())
-        print(f"test accuracy: {res.test.accuracy:.4f} on {res.test.n} questions ({kinds})")
+        print(f"test accuracy: {res.test.accuracy:.4f} on {res.test.n} examples ({kinds})")
     elif res.step < res.total_steps:
         why = f"stopped by {res.stopped_by}" if res.stopped_by else "stopped early"
         print(f"{why}; checkpoint saved; continue with: vlmoe train --out {res.out_dir} --resume")

@@ -202,14 +202,17 @@ def check_data_spec(spec: str, flag: str = "--data") -> None:
         raise DataError(f"{flag} {spec}: data file not readable (permission denied)")
 
 
-def check_batch_fits(n_questions: int, batch_size: int, world_size: int, source: str) -> None:
+def check_batch_fits(
+    n_examples: int, batch_size: int, world_size: int, source: str, unit: str = "questions"
+) -> None:
     """The trainer calls this once the training split is loaded, before building the model:
-    a split with fewer questions than one global batch gives zero steps an epoch."""
+    a split with fewer examples (``unit``: questions, pairs) than one global batch gives zero
+    steps an epoch."""
     need = batch_size * world_size
-    if n_questions < need:
+    if n_examples < need:
         procs = f" × {world_size} processes" if world_size > 1 else ""
         raise DataError(
-            f"{source}: the training split has {n_questions} questions, fewer than one batch "
+            f"{source}: the training split has {n_examples} {unit}, fewer than one batch "
             f"(train.batch_size {batch_size}{procs}); use a smaller --batch-size or more data"
         )
 

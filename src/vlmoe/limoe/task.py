@@ -92,7 +92,7 @@ class ContrastiveTask:
 
     def batches_per_epoch(self, batch_size: int) -> int:
         train = self.sets["train"]
-        check_batch_fits(len(train), batch_size, 1, train.source)
+        check_batch_fits(len(train), batch_size, 1, train.source, unit="pairs")
         return num_batches(len(train), batch_size, drop_last=True)
 
     def train_batches(
