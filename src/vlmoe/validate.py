@@ -354,6 +354,20 @@ def _nonfinite_path(x: Any, at: str) -> str | None:
     return None
 
 
+def ask_question(args: Any, why_no_choices: str, missing: str) -> str:
+    """The question of `vlmoe ask` for a checkpoint that answers questions (not --choices):
+    UsageError when --choices is given (``why_no_choices`` says why), when the question is
+    missing (``missing`` says what is expected), not UTF-8 or empty. Returns it stripped."""
+    if args.choices:
+        raise UsageError(f"--choices: {why_no_choices} (--choices is for contrastive checkpoints)")
+    if args.question is None:
+        raise UsageError(f"question: expected {missing}")
+    check_text("question", args.question)
+    if not args.question.strip():
+        raise UsageError("question: expected a non-empty question, got an empty string")
+    return args.question.strip()
+
+
 def check_input_file(path: str | os.PathLike, flag: str, what: str) -> Path:
     """`path` is an existing, readable regular file (not a folder, FIFO or device, which
     could block or never end); else DataError naming it."""

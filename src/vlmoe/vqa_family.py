@@ -11,7 +11,7 @@ from typing import Any
 
 from vlmoe.config import PRESETS, RunConfig
 from vlmoe.train.task import VQATask
-from vlmoe.validate import UsageError, check_input_file, check_text, json_line
+from vlmoe.validate import UsageError, ask_question, check_input_file, json_line
 
 __all__ = ["PRESETS", "ask_command", "config_from_dict", "eval_command", "make_task"]
 
@@ -61,21 +61,15 @@ def ask_command(args: argparse.Namespace) -> int:
     from vlmoe.data import load_image
     from vlmoe.evaluate import answer_question
 
-    if args.choices:
-        raise UsageError("--choices: this checkpoint answers from its own answer list "
-                         "(--choices is for contrastive checkpoints)")  # fmt: skip
-    if args.question is None:
-        raise UsageError("question: expected a question about the image")
-    check_text("question", args.question)
-    if not args.question.strip():
-        raise UsageError("question: expected a non-empty question, got an empty string")
+    question = ask_question(args, "this checkpoint answers from its own answer list",
+                            "a question about the image")  # fmt: skip
     if args.image is None:
         raise UsageError("--image: this checkpoint answers questions about an image: give one")
     device = parse_device(args.device)
     check_input_file(args.image, "--image", "image file")  # before the slower checkpoint
     ck = load_checkpoint(args.checkpoint, device)
     image = load_image(args.image, ck.config.model.image_size)
-    top = answer_question(ck.model, ck.tokenizer, ck.answers, image, args.question, top=3)
+    top = answer_question(ck.model, ck.tokenizer, ck.answers, image, question, top=3)
     if args.json:
         print(json_line({"answer": top[0][0], "top": [{"answer": a, "prob": p} for a, p in top]}))
         return 0

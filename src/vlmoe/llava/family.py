@@ -25,7 +25,13 @@ from vlmoe.config import ConfigError
 from vlmoe.data import DataError
 from vlmoe.families import is_pretrained_lm
 from vlmoe.lm import CausalLM, ChatTokenizer, LMConfig
-from vlmoe.validate import UsageError, check_finite_state, check_input_file, check_text, json_line
+from vlmoe.validate import (
+    UsageError,
+    ask_question,
+    check_finite_state,
+    check_input_file,
+    json_line,
+)
 
 from .config import PRESETS, LlavaRunConfig
 from .data import Example, collate, prompt_example
@@ -142,15 +148,8 @@ def _bare_encoder(vision: str) -> torch.nn.Module:
 
 # ---------------------------------------------------------------------------- ask
 def _question(args: argparse.Namespace) -> str:
-    if args.choices:
-        raise UsageError("--choices: a generative checkpoint writes its answer (--choices is "
-                         "for contrastive checkpoints)")  # fmt: skip
-    if args.question is None:
-        raise UsageError("question: expected a question (or a message to chat with)")
-    check_text("question", args.question)
-    if not args.question.strip():
-        raise UsageError("question: expected a non-empty question, got an empty string")
-    return args.question.strip()
+    return ask_question(args, "a generative checkpoint writes its answer",
+                        "a question (or a message to chat with)")  # fmt: skip
 
 
 def ask_command(args: argparse.Namespace) -> int:
