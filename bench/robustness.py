@@ -3,9 +3,10 @@
     python bench/robustness.py --checkpoint DIR [--baseline DIR2] [--json OUT.json]
                                [--max-images N] [--seed S] [--threads T]
 
-One row per shift and severity (see `vlmoe.robustness.default_shifts`): accuracy overall and
-per question kind over the test questions, the images drawn again by vlmoe's renderer from the
-(colour, shape) each easy-VQA test image shows. The first two rows are the unshifted figures:
+One row per shift and severity (see `vlmoe.robustness.default_shifts`): what the checkpoint's
+family measures, overall and per kind (VL-MoE: answer accuracy per question kind over the
+test questions; LIMoE: zero-shot caption accuracy per image, colour and shape), on the images
+drawn again by vlmoe's renderer from the (colour, shape) each easy-VQA test image shows. The first two rows are the unshifted figures:
 the original test images, and the renderer at easy-VQA's own settings. With --baseline, a
 column gives the other checkpoint's accuracy on the same images. Prints a markdown table; with
 --json writes {"checkpoint", "rows", "summary", ["baseline"]}.
@@ -21,15 +22,20 @@ from pathlib import Path
 
 import torch
 
-from vlmoe.checkpoint import CheckpointError, load_checkpoint
+from vlmoe.checkpoint import CheckpointError
 from vlmoe.data import DataError
+from vlmoe.families import family_of_checkpoint
 from vlmoe.robustness import markdown_table, run_shifts, summarize
 
 
 def _rows(path: str, args: argparse.Namespace) -> list[dict]:
-    ck = load_checkpoint(path)
+    family, _ = family_of_checkpoint(path)
+    make = getattr(family.hooks(), "robustness_evaluator", None)
+    if make is None:
+        raise CheckpointError(f"{path}: no robustness table for {family.kind} checkpoints yet")
+    evaluator, image_size = make(path)
     log = lambda s: print(f"  {Path(path).name}: {s}", file=sys.stderr, flush=True)  # noqa: E731
-    return run_shifts(ck, max_images=args.max_images, seed=args.seed, log=log)
+    return run_shifts(evaluator, image_size, max_images=args.max_images, seed=args.seed, log=log)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlmoe: error: {e}", file=sys.stderr)
         return 1
     print(f"checkpoint: {args.checkpoint}" + (f"  (baseline: {args.baseline})" if base else ""))
-    print(f"{rows[0]['n']} questions per row, renderer seed {args.seed}\n")
+    print(f"{rows[0]['n']} examples per row, renderer seed {args.seed}\n")
     print(markdown_table(rows, base))
     if base:
         print("\nbaseline:", markdown_table(base).split("\n\n")[-1].strip())

@@ -204,3 +204,32 @@ def test_two_processes_train_and_the_checkpoint_loads_in_one(tmp_path, capsys):
     rc, stdout, err = run_cli(capsys, "eval", "--checkpoint", str(out), "--json")
     assert rc == 0, err
     assert last_json(stdout)["zero_shot"]["count"] == 1000
+
+
+def test_robustness_bench_measures_zero_shot_on_every_shift(limoe_run, tmp_path):
+    """bench/robustness.py on a contrastive checkpoint: a row per shift with colour and shape
+    kinds; its unshifted row is the zero-shot accuracy over the same test images."""
+    import subprocess
+    import sys
+
+    from vlmoe.limoe.evaluate import zero_shot
+    from vlmoe.limoe.task import load_contrastive
+    from vlmoe.robustness import default_shifts
+
+    ck, _ = limoe_run
+    bench = Path(__file__).resolve().parents[1] / "bench" / "robustness.py"
+    out = tmp_path / "rob.json"
+    p = subprocess.run([sys.executable, str(bench), "--checkpoint", str(ck), "--max-images",
+                        "16", "--json", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["shift"], r["severity"]) for r in rows] == [
+        (s.name, s.severity) for s in default_shifts()
+    ]
+    assert all(r["n"] == 16 and set(r["per_kind"]) == {"color", "shape"} for r in rows)
+    loaded = load_contrastive(ck)
+    pairs = easyvqa_captions("test", loaded.config.model.image_size)
+    first = pairs.__class__(pairs.images[:16], pairs.texts[:16], pairs.labels[:16],
+                            pairs.classes, pairs.names[:16], pairs.source)  # fmt: skip
+    want = zero_shot(loaded.model, loaded.tokenizer, first, loaded.config.model.max_text_len)
+    assert abs(rows[0]["accuracy"] - want["accuracy"] / 100) < 1e-9

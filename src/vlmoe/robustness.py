@@ -8,7 +8,8 @@ moved together (another program's drawing). The test questions and answers stay 
 so each row is the test set's accuracy on images the model has never seen the like of, in the
 spirit of ImageNet-C (Hendrycks & Dietterich 2019).
 
-    rows = run_shifts(load_checkpoint("checkpoints/default"))
+    ck = load_checkpoint("checkpoints/default")
+    rows = run_shifts(vqa_evaluator(ck), ck.config.model.image_size)
     print(markdown_table(rows))
 """
 
@@ -25,7 +26,7 @@ from vlmoe.checkpoint import Checkpoint
 from vlmoe.data import VQASplit, load_easyvqa
 from vlmoe.data.images import fit_image
 from vlmoe.data.render import RenderSpec, easyvqa_scenes, render_many
-from vlmoe.evaluate import EvalResult, evaluate
+from vlmoe.evaluate import evaluate
 
 SEVERITIES = ("none", "mild", "moderate", "severe")
 
@@ -103,26 +104,39 @@ def rerender(
     return dataclasses.replace(split, images=images.contiguous(), _cache=split._cache)
 
 
-def _evaluate(ck: Checkpoint, split: VQASplit, batch_size: int) -> EvalResult:
-    # the one call into the model: adapt here when a new model family lands
-    return evaluate(ck.model, split, ck.tokenizer, ck.answers, batch_size=batch_size)
+#: (split, the (colour, shape) its images show) → {"accuracy": fraction, "per_kind": {kind:
+#: fraction}, "n": examples}; a family's `robustness_evaluator(checkpoint)` returns one with
+#: the image size its model reads
+Evaluator = Callable[[VQASplit, list[tuple[str, str]]], dict[str, Any]]
+
+
+def vqa_evaluator(ck: Checkpoint, batch_size: int = 512) -> Evaluator:
+    """A VL-MoE checkpoint's test accuracy over the split's questions, per question kind."""
+
+    def run(split: VQASplit, scenes: list[tuple[str, str]]) -> dict[str, Any]:
+        res = evaluate(ck.model, split, ck.tokenizer, ck.answers, batch_size=batch_size)
+        per_kind = {k: v["accuracy"] for k, v in res.per_kind.items()}
+        return {"accuracy": res.accuracy, "per_kind": per_kind, "n": res.n}
+
+    return run
 
 
 def run_shifts(
-    ck: Checkpoint,
+    evaluator: Evaluator,
+    image_size: int,
     shifts: list[Shift] | None = None,
     *,
     max_images: int = 0,
     seed: int = 0,
-    batch_size: int = 512,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One dict per shift: name, severity, setting, accuracy, per_kind {kind: accuracy}, n.
 
-    max_images: use only the questions about the first N test images (0 = all 1,000).
-    seed: seeds the renderer (image i of a row uses the generator seeded by (seed, i)).
+    evaluator: what a row measures (`vqa_evaluator`, or a family's); image_size: the side
+    its model reads. max_images: only the questions about the first N test images (0 = all
+    1,000). seed: seeds the renderer (image i of a row uses the generator seeded by (seed, i)).
     """
-    test = load_easyvqa("test", ck.config.model.image_size)
+    test = load_easyvqa("test", image_size)
     if max_images:
         keep = torch.nonzero(test.image_index < max_images).flatten()
         test = test.subset(keep)
@@ -130,18 +144,10 @@ def run_shifts(
     rows = []
     for sh in shifts if shifts is not None else default_shifts():
         split = test if sh.spec is None else rerender(test, scenes, sh.spec, seed)
-        res = _evaluate(ck, split, batch_size)
-        row = {
-            "shift": sh.name,
-            "severity": sh.severity,
-            "setting": sh.setting,
-            "accuracy": res.accuracy,
-            "per_kind": {k: v["accuracy"] for k, v in res.per_kind.items()},
-            "n": res.n,
-        }
-        rows.append(row)
+        res = evaluator(split, scenes)
+        rows.append({"shift": sh.name, "severity": sh.severity, "setting": sh.setting, **res})
         if log:
-            log(f"{sh.name} ({sh.severity}, {sh.setting}): {res.accuracy:.2%}")
+            log(f"{sh.name} ({sh.severity}, {sh.setting}): {res['accuracy']:.2%}")
     return rows
 
 

@@ -77,3 +77,12 @@ def ask_command(args: argparse.Namespace) -> int:
     for a, p in top:
         print(f"  {a:<12} {p:.3f}")
     return 0
+
+
+def robustness_evaluator(checkpoint: str | Path) -> tuple[Any, int]:
+    """(evaluator, image size) for `bench/robustness.py`: test accuracy per question kind."""
+    from vlmoe.checkpoint import load_checkpoint
+    from vlmoe.robustness import vqa_evaluator
+
+    ck = load_checkpoint(checkpoint)
+    return vqa_evaluator(ck), ck.config.model.image_size

@@ -128,3 +128,27 @@ def inspect_command(args: argparse.Namespace) -> int:
     from vlmoe.limoe.inspect import run_inspect
 
     return run_inspect(args)
+
+
+def robustness_evaluator(checkpoint: str | Path) -> tuple[Any, int]:
+    """(evaluator, image size) for `bench/robustness.py`: zero-shot accuracy over the 24
+    easy-VQA captions, one example per image (kinds: colour, shape)."""
+    import torch
+
+    from vlmoe.data.pairs import EASYVQA_CAPTIONS, PairSet
+    from vlmoe.limoe.evaluate import zero_shot
+    from vlmoe.limoe.task import load_contrastive
+
+    ck = load_contrastive(checkpoint)
+    m = ck.config.model
+
+    def run(split: Any, scenes: list[tuple[str, str]]) -> dict[str, Any]:
+        texts = [f"a {c} {s}" for c, s in scenes]
+        labels = torch.tensor([EASYVQA_CAPTIONS.index(t) for t in texts], dtype=torch.long)
+        pairs = PairSet(split.images, texts, labels, list(EASYVQA_CAPTIONS),
+                        list(split.image_names), split.source)  # fmt: skip
+        r = zero_shot(ck.model, ck.tokenizer, pairs, m.max_text_len)
+        kinds = {"color": r["color_accuracy"] / 100, "shape": r["shape_accuracy"] / 100}
+        return {"accuracy": r["accuracy"] / 100, "per_kind": kinds, "n": r["count"]}
+
+    return run, m.image_size
