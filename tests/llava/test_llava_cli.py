@@ -141,3 +141,30 @@ def test_fine_tune_a_trained_checkpoint_on_my_jsonl(llava_run: Path, tmp_path: P
     assert (out / "tokenizer.json").read_text() == (llava_run / "tokenizer.json").read_text()
     rc, _, err = run_cli(capsys, *argv[:-2], "--from", str(llava_run), "--out", str(tmp_path / "x"))
     assert rc == 1 and "--stage 3 --from" in err  # an upcycled checkpoint into a dense stage
+
+
+def test_robustness_bench_measures_exact_match_on_every_shift(llava_run, tmp_path):
+    """bench/robustness.py on a generative checkpoint: a row per shift and severity, per
+    question kind; the unshifted row is `vlmoe eval`'s exact match on the same questions."""
+    import subprocess
+    import sys
+
+    from vlmoe.data import load_easyvqa
+    from vlmoe.llava.family import evaluate_split, load_llava
+    from vlmoe.robustness import default_shifts
+
+    bench = Path(__file__).resolve().parents[2] / "bench" / "robustness.py"
+    out = tmp_path / "rob.json"
+    p = subprocess.run([sys.executable, str(bench), "--checkpoint", str(llava_run),
+                        "--max-images", "4", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["shift"], r["severity"]) for r in rows] == [
+        (s.name, s.severity) for s in default_shifts()
+    ]
+    ck = load_llava(llava_run)
+    test = load_easyvqa("test", ck.config.model.image_size)
+    sub = test.subset((test.image_index < 4).nonzero().flatten())
+    want = evaluate_split(ck, sub)
+    assert rows[0]["n"] == want.n and abs(rows[0]["accuracy"] - want.accuracy) < 1e-9

@@ -22,7 +22,8 @@ from vlmoe.checkpoint import (
     resolve_checkpoint_dir,
 )
 from vlmoe.config import ConfigError
-from vlmoe.data import DataError
+from vlmoe.data import DataError, VQASplit
+from vlmoe.evaluate import EvalResult
 from vlmoe.families import is_pretrained_lm
 from vlmoe.lm import CausalLM, ChatTokenizer, LMConfig
 from vlmoe.validate import (
@@ -238,13 +239,7 @@ def eval_command(args: argparse.Namespace) -> int:
     split = load_data(
         data, args.split, cfg.model.image_size, cfg.train.val_fraction, cfg.train.seed
     )
-    feats = None
-    if cfg.model.freeze_vision:
-        from .task import encode_split
-
-        feats = encode_split(ck.model.vision, split, cfg.model)
-    res = evaluate_generative(ck.model, SplitData(split, ck.tokenizer, feats), ck.tokenizer,
-                              cfg.train.eval_batch_size, device)  # fmt: skip
+    res = evaluate_split(ck, split, device)
     if args.json:
         print(json_line({"data": split.source, **res.to_dict()}))
         return 0
@@ -253,3 +248,27 @@ def eval_command(args: argparse.Namespace) -> int:
     for kind, v in res.per_kind.items():
         print(f"  {kind:<7} {v['accuracy']:.4f}  (n={v['n']})")
     return 0
+
+
+def evaluate_split(ck: Loaded, split: VQASplit, device: str = "cpu") -> EvalResult:
+    """Normalised exact match of the generated answers over ``split``'s questions, overall and
+    per question kind (a frozen encoder's features computed once, cached by pixels)."""
+    feats = None
+    if ck.config.model.freeze_vision:
+        from .task import encode_split
+
+        feats = encode_split(ck.model.vision, split, ck.config.model)
+    return evaluate_generative(ck.model, SplitData(split, ck.tokenizer, feats), ck.tokenizer,
+                               ck.config.train.eval_batch_size, device)  # fmt: skip
+
+
+def robustness_evaluator(checkpoint: str | Path) -> tuple[Any, int]:
+    """(evaluator, image size) for `bench/robustness.py`: exact match per question kind."""
+    ck = load_llava(checkpoint)
+
+    def run(split: VQASplit, scenes: list[tuple[str, str]]) -> dict[str, Any]:
+        res = evaluate_split(ck, split)
+        per_kind = {k: v["accuracy"] for k, v in res.per_kind.items()}
+        return {"accuracy": res.accuracy, "per_kind": per_kind, "n": res.n}
+
+    return run, ck.config.model.image_size
