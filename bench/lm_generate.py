@@ -24,18 +24,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 
 import torch
+from generate import PROMPT, _median_time
 
 from vlmoe.lm import generate, load_pretrained, read_gguf, upcycle
 from vlmoe.lm.weights import SMOLLM2, fetch
-
-PROMPT = (
-    "Summarise in one sentence why the sky looks blue during the day and red at sunset, "
-    "for a curious ten year old who has just asked about it on a walk."
-)
 
 
 def _hf_llama(model):
@@ -63,16 +58,6 @@ def _hf_llama(model):
         new[h + "mlp.down_proj.weight"] = sd[p + "ffn.w_out_FD"].t()
     hf.load_state_dict(new, strict=False)
     return hf
-
-
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def _runners(models: dict, ids: torch.Tensor, new: int) -> dict:
@@ -119,7 +104,7 @@ def main() -> None:
             torch.set_num_threads(n)
             base = None
             for name, (gen, pre) in _runners(models, ids, a.new).items():
-                total, prefill = _time(gen, a.repeats), _time(pre, a.repeats)
+                total, prefill = _median_time(gen, a.repeats), _median_time(pre, a.repeats)
                 dec = a.new / max(total - prefill, 1e-9)
                 base = base or dec
                 print(f"{n:>7}  {name:<32} {a.new / total:>7.1f} {prefill * 1e3:>10.0f} "
