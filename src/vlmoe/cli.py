@@ -182,7 +182,7 @@ def _report_training(res: TrainResult, as_json: bool) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train a VL-MoE model (default: the `default` preset on easy-VQA) and report test accuracy."""
+    """Train any family's preset (default: VL-MoE's `default` on easy-VQA); report test figures."""
     from vlmoe.train import train
 
     cfg = _train_config(args)
