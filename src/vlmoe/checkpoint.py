@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,15 +212,23 @@ def _read_meta(f: Path) -> dict[str, Any]:
     return meta
 
 
+def saved_run_config(meta: dict[str, Any], f: Path, from_dict: Callable[[Any], Any]) -> Any:
+    """The run config in config.json's ``"run"`` (read from file ``f``) rebuilt by a family's
+    ``from_dict``; a missing field or bad content → CheckpointError naming ``f``."""
+    if "run" not in meta:
+        raise CheckpointError(f"{f}: missing field 'run'")
+    try:
+        return from_dict(meta["run"])
+    except ConfigError as e:
+        raise CheckpointError(f"{f}: invalid content ({e})") from None
+
+
 def _read_config(f: Path) -> tuple[RunConfig, list[str]]:
     """config.json → (RunConfig, answers); anything malformed → CheckpointError naming it."""
     meta = _read_meta(f)
     if "run" not in meta or "answers" not in meta:
         raise CheckpointError(f"{f}: missing field {'run' if 'run' not in meta else 'answers'!r}")
-    try:
-        config = RunConfig.from_dict(meta["run"])
-    except ConfigError as e:
-        raise CheckpointError(f"{f}: invalid content ({e})") from None
+    config = saved_run_config(meta, f, RunConfig.from_dict)
     answers = meta["answers"]
     n = config.model.num_answers
     if not isinstance(answers, list) or not all(

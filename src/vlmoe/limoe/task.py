@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from vlmoe.checkpoint import CheckpointError
-from vlmoe.config import ConfigError, StageConfig
+from vlmoe.config import StageConfig
 from vlmoe.data import DataError, num_batches
 from vlmoe.data.pairs import (
     EASYVQA_CAPTIONS,
@@ -166,17 +166,17 @@ class LoadedContrastive:
 def load_contrastive(path: str | Path, device: str = "cpu") -> LoadedContrastive:
     """Load a contrastive checkpoint; a missing or corrupt file raises CheckpointError naming
     it (config.json's run config, tokenizer.json against model.vocab_size, the weights)."""
-    from vlmoe.checkpoint import load_checkpoint_meta, read_weights, resolve_checkpoint_dir
+    from vlmoe.checkpoint import (
+        load_checkpoint_meta,
+        read_weights,
+        resolve_checkpoint_dir,
+        saved_run_config,
+    )
     from vlmoe.validate import check_finite_state
 
     d = resolve_checkpoint_dir(path)
     meta, metrics = load_checkpoint_meta(d)
-    try:
-        cfg = LIMoERunConfig.from_dict(meta["run"])
-    except KeyError:
-        raise CheckpointError(f"{d / 'config.json'}: missing field 'run'") from None
-    except ConfigError as e:
-        raise CheckpointError(f"{d / 'config.json'}: invalid content ({e})") from None
+    cfg = saved_run_config(meta, d / "config.json", LIMoERunConfig.from_dict)
     try:
         tok = WordTokenizer.load(d / "tokenizer.json")
     except DataError as e:

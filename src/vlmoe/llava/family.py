@@ -20,6 +20,7 @@ from vlmoe.checkpoint import (
     load_checkpoint_meta,
     read_weights,
     resolve_checkpoint_dir,
+    saved_run_config,
 )
 from vlmoe.config import ConfigError
 from vlmoe.data import DataError, VQASplit
@@ -114,8 +115,8 @@ def load_llava(path: str | Path, device: str = "cpu") -> Loaded:
     d = resolve_checkpoint_dir(path)
     meta, _ = load_checkpoint_meta(d)
     where = d / "config.json"
+    cfg = saved_run_config(meta, where, LlavaRunConfig.from_dict)
     try:
-        cfg = LlavaRunConfig.from_dict(meta["run"])
         lm = CausalLM(LMConfig(**meta["lm"]))
     except KeyError as e:
         raise CheckpointError(f"{where}: missing field {e}") from None

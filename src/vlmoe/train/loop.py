@@ -23,14 +23,15 @@ import torch
 from tqdm import tqdm
 
 from vlmoe.checkpoint import (
-    CheckpointError,
     commit,
     fresh_tmp,
     load_trainer_state,
     recover,
+    resolve_checkpoint_dir,
+    saved_run_config,
     write_run_files,
 )
-from vlmoe.config import ConfigError, StageConfig
+from vlmoe.config import StageConfig
 from vlmoe.evaluate import EvalResult
 from vlmoe.models.output import ModelOutput
 from vlmoe.moe import keep_freed_memory
@@ -400,12 +401,8 @@ def family_task(cfg: Any, resume_from: Path | None) -> Task:
         return family_of_kind(cfg.task_kind, "config").hooks().make_task(cfg, None, None)
     family, meta = family_of_checkpoint(resume_from)
     hooks = family.hooks()
-    try:
-        saved = hooks.config_from_dict(meta["run"])
-    except KeyError:
-        raise CheckpointError(f"{resume_from}/config.json: missing field 'run'") from None
-    except ConfigError as e:
-        raise CheckpointError(f"{resume_from}/config.json: invalid content ({e})") from None
+    where = resolve_checkpoint_dir(resume_from) / "config.json"
+    saved = saved_run_config(meta, where, hooks.config_from_dict)
     return hooks.make_task(saved, resume_from, meta)
 
 
