@@ -151,6 +151,8 @@ class TrainConfig:
     val_fraction: float = 0.1  #: share of training *images* held out for validation
     train_subset: int = 0  #: use only the first N training questions (0 = all)
     eval_subset: int = 0  #: evaluate on at most N questions of val/test (0 = all)
+    #: the final test on at most N questions (0 = all; None = as eval_subset)
+    test_subset: int | None = None
     log_every: int = 20  #: steps between metric lines in metrics.jsonl
     routing_every: int = 50  #: steps between routing statistics in metrics.jsonl
     save_every: int = 0  #: steps between checkpoints (0 = only at the end of each epoch)
@@ -194,6 +196,14 @@ class TrainConfig:
             )
         for name, lo, hi in _TRAIN_RANGES:
             check_range(f"train.{name}", getattr(self, name), lo, hi, ConfigError)
+        if self.test_subset is not None:
+            check_range("train.test_subset", self.test_subset, 0, None, ConfigError)
+
+    def subset(self, split: str) -> int:
+        """How many questions of ``split`` ("val" or "test") to evaluate on (0 = all)."""
+        if split == "test" and self.test_subset is not None:
+            return self.test_subset
+        return self.eval_subset
 
 
 #: (field, min, max) of the integer and float fields of ModelConfig / TrainConfig

@@ -114,3 +114,27 @@ def test_evaluate_generative_counts_exact_matches(llava_task):
     assert res.n == 12 and len(answers) == 12 and res.accuracy == pytest.approx(hits / 12)
     assert sum(v["n"] for v in res.per_kind.values()) == 12
     assert model.training  # restored
+
+
+def test_evaluate_generative_shortcut_equals_decoding_every_row(llava_task):
+    """Rows whose teacher-forced argmax is the reference are not decoded; the accuracy and
+    the answers must equal decoding every row. The model is first fitted on the subset so
+    that both kinds of rows (shortcut and decoded) occur."""
+    model = llava_task.build_model(DENSE)
+    d = llava_task.val_data
+    sub = type(d)(d.split.subset(range(16)), llava_task.tokenizer, None)
+    tok = llava_task.tokenizer
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batch = collate(sub.examples, model.cfg.visual_tokens, tok.pad_id, None, sub.split.images)
+    for _ in range(25):
+        opt.zero_grad()
+        model(batch).loss.backward()
+        opt.step()
+    runs = []
+    for every in (False, True):
+        answers = {}
+        res = evaluate_generative(model, sub, tok, 6, generate_all=every,
+                                  on_answer=lambda i, t, a=answers: a.__setitem__(i, t))  # fmt: skip
+        runs.append((res.accuracy, res.per_kind, answers))
+    assert runs[0] == runs[1]
+    assert 0 < runs[0][0] < 1, runs[0][0]  # both paths were taken

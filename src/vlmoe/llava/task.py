@@ -176,9 +176,8 @@ class GenerativeTask:
             data = self.val_data
         elif self.cfg.data.lower() == "easy-vqa":
             test = load_data("easy-vqa", "test", self.cfg.model.image_size)
-            data = self._data(
-                test.subset(range(min(t.eval_subset, len(test)))) if t.eval_subset else test
-            )
+            n = t.subset("test")
+            data = self._data(test.subset(range(min(n, len(test)))) if n else test)
         else:
             return None
         if len(data) == 0:
@@ -212,14 +211,22 @@ def make_tokenizer(cfg: LlavaConfig, train: VQASplit) -> ChatTokenizer:
 @torch.no_grad()
 def evaluate_generative(
     model: nn.Module, data: SplitData, tok: ChatTokenizer, batch_size: int = 64,
-    device: str | torch.device = "cpu", on_answer: Any = None,
+    device: str | torch.device = "cpu", on_answer: Any = None, generate_all: bool = False,
 ) -> EvalResult:  # fmt: skip
-    """Normalised exact match of the greedy answers (KV-cache generation, batched, left
-    padded) to the reference answers, overall and per question kind; ``loss`` is the
-    teacher-forced cross-entropy per answer token. ``on_answer(index, text)`` sees each."""
+    """Normalised exact match of the greedy answers to the reference answers, overall and
+    per question kind; ``loss`` is the teacher-forced cross-entropy per answer token.
+    ``on_answer(index, text)`` sees each answer.
+
+    One teacher-forced forward per batch gives the loss and, per row, whether the argmax
+    at every answer position (its end-of-turn included) is the reference token. Greedy
+    decoding of such a row writes exactly the reference, so only the other rows are decoded
+    (KV cache, batched, left padded): at 97% accuracy that is 3% of the generation work.
+    ``generate_all`` decodes every row (the slow reference; equal up to float rounding).
+    """
     was = model.training
     model.eval()
     V, ex = model.cfg.visual_tokens, data.examples
+    limit = model.cfg.max_answer_tokens
     hits, loss_sum, tokens = torch.zeros(len(ex)), 0.0, 0
     for s in range(0, len(ex), batch_size):
         part = ex[s : s + batch_size]
@@ -227,17 +234,46 @@ def evaluate_generative(
         out = model(tf)
         n = int(out.metrics["count"])
         loss_sum, tokens = loss_sum + float(out.task_loss) * n, tokens + n
-        prompts = [Example(e.index, e.image, e.before, e.after, None) for e in part]
-        b = collate(prompts, V, tok.pad_id, data.features, data.split.images, left_pad=True)
-        for e, ids in zip(part, model.generate(b.to(device), tok.eos_id, tok.pad_id), strict=True):
-            text = tok.decode(ids)
-            hits[e.index] = float(
-                normalize_answer(text) == normalize_answer(data.split.answers[e.index])
-            )
-            if on_answer is not None:
-                on_answer(e.index, text)
+        sure = _greedy_is_reference(out.logits, tf.labels) & ~torch.tensor(
+            [generate_all or len(e.answer) - 1 > limit for e in part]
+        )
+        for e, ok in zip(part, sure.tolist(), strict=True):
+            if ok:
+                hits[e.index] = 1.0
+                if on_answer is not None:
+                    on_answer(e.index, tok.decode(e.answer[:-1]))
+        rest = [e for e, ok in zip(part, sure.tolist(), strict=True) if not ok]
+        if rest:
+            _generate_and_score(model, rest, data, tok, device, hits, on_answer)
     model.train(was)
     return _result(hits, loss_sum / max(tokens, 1), data.split.kinds)
+
+
+def _greedy_is_reference(logits_NV: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:
+    """bool ``[B]``: every target position of the row has its target as the argmax (the
+    LM's ``logits`` hold the N target positions of ``labels`` in row-major order)."""
+    sel = labels_BL[:, 1:] != -100
+    wrong = (logits_NV.argmax(-1) != labels_BL[:, 1:][sel]).float()
+    rows = sel.nonzero()[:, 0]
+    misses = torch.zeros(labels_BL.shape[0], device=wrong.device).index_add_(0, rows, wrong)
+    return (misses == 0).cpu()
+
+
+def _generate_and_score(
+    model: nn.Module, part: list[Example], data: SplitData, tok: ChatTokenizer,
+    device: str | torch.device, hits: torch.Tensor, on_answer: Any,
+) -> None:  # fmt: skip
+    """Greedy answers of ``part`` (left-padded prompts, KV cache); marks ``hits``."""
+    prompts = [Example(e.index, e.image, e.before, e.after, None) for e in part]
+    b = collate(prompts, model.cfg.visual_tokens, tok.pad_id, data.features, data.split.images,
+                left_pad=True)  # fmt: skip
+    for e, ids in zip(part, model.generate(b.to(device), tok.eos_id, tok.pad_id), strict=True):
+        text = tok.decode(ids)
+        hits[e.index] = float(
+            normalize_answer(text) == normalize_answer(data.split.answers[e.index])
+        )
+        if on_answer is not None:
+            on_answer(e.index, text)
 
 
 def _result(hits: torch.Tensor, loss: float, kinds: list[str]) -> EvalResult:

@@ -131,7 +131,8 @@ class VQATask:
             data = self.val_split
         elif self.cfg.data == "easy-vqa":
             data = load_data("easy-vqa", "test", self.cfg.model.image_size, t.val_fraction, t.seed)
-            data = data.subset(range(min(t.eval_subset, len(data)))) if t.eval_subset else data
+            n = t.subset("test")
+            data = data.subset(range(min(n, len(data)))) if n else data
         else:
             return None
         return evaluate(model, data, self.tokenizer, self.answers, batch_size=t.eval_batch_size,
