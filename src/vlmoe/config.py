@@ -148,6 +148,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.05  #: final learning rate as a fraction of lr
     grad_clip: float = 1.0  #: max global gradient norm (0 = off)
     seed: int = 0  #: seeds the model init, data order and the validation split
+    #: seeds the validation split and ``train_subset`` instead of ``seed`` (None = ``seed``):
+    #: a run that continues another checkpoint with a new ``seed`` keeps that run's held-out
+    #: images, so none of them was trained on
+    split_seed: int | None = None
     val_fraction: float = 0.1  #: share of training *images* held out for validation
     train_subset: int = 0  #: use only the first N training questions (0 = all)
     eval_subset: int = 0  #: evaluate on at most N questions of val/test (0 = all)
@@ -157,6 +161,7 @@ class TrainConfig:
     routing_every: int = 50  #: steps between routing statistics in metrics.jsonl
     save_every: int = 0  #: steps between checkpoints (0 = only at the end of each epoch)
     eval_every: int = 0  #: steps between validation runs (0 = only at the end of each epoch)
+    eval_on_start: bool = False  #: also validate the freshly built model, before step 1
     collapse_share: float = 0.5  #: warn when one expert takes more than this share of tokens …
     collapse_patience: int = 3  #: … or an expert stays under 1%, for this many routing checks
     eval_batch_size: int = 512  #: batch size for validation and test
@@ -198,6 +203,14 @@ class TrainConfig:
             check_range(f"train.{name}", getattr(self, name), lo, hi, ConfigError)
         if self.test_subset is not None:
             check_range("train.test_subset", self.test_subset, 0, None, ConfigError)
+        if self.split_seed is not None:
+            check_range("train.split_seed", self.split_seed, 0, 2**63 - 1, ConfigError)
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the validation split and of ``train_subset``: ``split_seed`` if set,
+        else ``seed``."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def subset(self, split: str) -> int:
         """How many questions of ``split`` ("val" or "test") to evaluate on (0 = all)."""

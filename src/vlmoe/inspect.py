@@ -210,7 +210,7 @@ def _load_split(
 
     spec = data or ck.config.data
     train = ck.config.train
-    ds = load_data(spec, split, ck.config.model.image_size, train.val_fraction, train.seed)
+    ds = load_data(spec, split, ck.config.model.image_size, train.val_fraction, train.data_seed)
     if max_questions is not None and max_questions < len(ds):
         ds = ds.subset(range(max_questions))
     return ds

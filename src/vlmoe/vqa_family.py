@@ -39,7 +39,7 @@ def eval_command(args: argparse.Namespace) -> int:
     ck = load_checkpoint(args.checkpoint, device)
     data = args.data or ck.config.data
     t = ck.config.train
-    split = load_data(data, args.split, ck.config.model.image_size, t.val_fraction, t.seed)
+    split = load_data(data, args.split, ck.config.model.image_size, t.val_fraction, t.data_seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = evaluate(ck.model, split, ck.tokenizer, ck.answers, device=device)

@@ -60,7 +60,7 @@ def evaluate_checkpoint(
         return out
     if split == "train":
         raise UsageError("--split train: contrastive checkpoints are evaluated on val or test")
-    sets = contrastive_splits(cfg.pairs, cfg.model.image_size, cfg.train.seed, cfg.train.val_fraction)  # fmt: skip
+    sets = contrastive_splits(cfg.pairs, cfg.model.image_size, cfg.train.data_seed, cfg.train.val_fraction)  # fmt: skip
     out["data"] = "easy-vqa captions + twemoji"
     if f"{split}_zero_shot" in sets:
         out["zero_shot"] = zero_shot(ck.model, ck.tokenizer, sets[f"{split}_zero_shot"], L)

@@ -122,7 +122,7 @@ def _inspect_pairs(ck: Any, data: str | None, split: str, limit: int | None) -> 
     if spec.lower() not in EASYVQA_NAMES:
         pairs = load_pairs_jsonl(spec, cfg.model.image_size)
     else:
-        sets = contrastive_splits(cfg.pairs, cfg.model.image_size, cfg.train.seed, cfg.train.val_fraction)  # fmt: skip
+        sets = contrastive_splits(cfg.pairs, cfg.model.image_size, cfg.train.data_seed, cfg.train.val_fraction)  # fmt: skip
         split = "val" if split == "train" else split
         pairs = concat_pairs(*[sets[k] for k in (f"{split}_zero_shot", f"{split}_retrieval") if k in sets])  # fmt: skip
     return pairs.subset(range(min(len(pairs), limit))) if limit else pairs

@@ -54,10 +54,10 @@ def load_pair_sets(cfg: LIMoERunConfig) -> dict[str, PairSet]:
     out as "val_retrieval" — also the "test_retrieval" of `vlmoe eval` on the same file."""
     size, t = cfg.model.image_size, cfg.train
     if cfg.data.lower() in EASYVQA_NAMES:
-        return contrastive_splits(cfg.pairs, size, t.seed, t.val_fraction)
+        return contrastive_splits(cfg.pairs, size, t.data_seed, t.val_fraction)
     pairs = load_pairs_jsonl(cfg.data, size)
     n_val = max(1, round(t.val_fraction * len(pairs))) if len(pairs) > 1 else 0
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(t.seed))
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(t.data_seed))
     val = pairs.subset(order[:n_val].sort().values)
     return {"train": pairs.subset(order[n_val:].sort().values), "val_retrieval": val,
             "test_retrieval": val}  # fmt: skip

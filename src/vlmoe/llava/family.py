@@ -238,7 +238,7 @@ def eval_command(args: argparse.Namespace) -> int:
     cfg = ck.config
     data = args.data or cfg.data
     split = load_data(
-        data, args.split, cfg.model.image_size, cfg.train.val_fraction, cfg.train.seed
+        data, args.split, cfg.model.image_size, cfg.train.val_fraction, cfg.train.data_seed
     )
     res = evaluate_split(ck, split, device)
     if args.json:

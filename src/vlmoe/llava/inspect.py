@@ -66,7 +66,7 @@ def inspect_command(args: argparse.Namespace) -> int:
                          "(a dense or text-only model)")  # fmt: skip
     cfg = ck.config
     split = load_data(args.data or cfg.data, args.split, cfg.model.image_size,
-                      cfg.train.val_fraction, cfg.train.seed)  # fmt: skip
+                      cfg.train.val_fraction, cfg.train.data_seed)  # fmt: skip
     n = min(args.max_questions or 256, len(split))
     split = split.subset(range(n))
     feats = encode_split(ck.model.vision, split, cfg.model) if cfg.model.freeze_vision else None

@@ -307,6 +307,8 @@ class Trainer:
         self.bar = tqdm(total=sum(self.totals), initial=self.pos.step, desc="train",
                         disable=not self.progress or not self.engine.is_main,
                         dynamic_ncols=True, file=sys.stderr)  # fmt: skip
+        if not resume and self.cfg.train.eval_on_start:
+            self.validate()  # the step-0 point of the validation curve
         with self.signals:
             while self.pos.step < stop and self.run_stage(stop):
                 if self.pos.stage + 1 >= len(self.stages):

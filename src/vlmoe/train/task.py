@@ -130,7 +130,9 @@ class VQATask:
         if split == "val":
             data = self.val_split
         elif self.cfg.data == "easy-vqa":
-            data = load_data("easy-vqa", "test", self.cfg.model.image_size, t.val_fraction, t.seed)
+            data = load_data(
+                "easy-vqa", "test", self.cfg.model.image_size, t.val_fraction, t.data_seed
+            )
             n = t.subset("test")
             data = data.subset(range(min(n, len(data)))) if n else data
         else:
@@ -160,12 +162,12 @@ def hflip(images: torch.Tensor, key: tuple[int, int, int], rank: int, world: int
 def prepare_splits(cfg: RunConfig) -> tuple[VQASplit, VQASplit]:
     """The training and validation splits of ``cfg.data`` (with the configured subsets)."""
     t = cfg.train
-    train_split = load_data(cfg.data, "train", cfg.model.image_size, t.val_fraction, t.seed)
-    val_split = load_data(cfg.data, "val", cfg.model.image_size, t.val_fraction, t.seed)
+    train_split = load_data(cfg.data, "train", cfg.model.image_size, t.val_fraction, t.data_seed)
+    val_split = load_data(cfg.data, "val", cfg.model.image_size, t.val_fraction, t.data_seed)
     if t.train_subset:
         # a seeded random subset: easy-VQA lists ~10 questions per image, so the first N
         # questions would cover only ~N/10 images
-        g = torch.Generator().manual_seed(t.seed)
+        g = torch.Generator().manual_seed(t.data_seed)
         keep = torch.randperm(len(train_split), generator=g)[: t.train_subset].sort().values
         train_split = train_split.subset(keep)
     if t.eval_subset:
