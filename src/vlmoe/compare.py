@@ -21,18 +21,15 @@ seeds) and `runs/VARIANT/seedN/` (each run's checkpoint and metrics.jsonl).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import json
-import math
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
+from vlmoe.compare_runs import add_paired_deltas, aggregate_runs, finite, fmt_params, run_one
 from vlmoe.config import ConfigError, RunConfig, default, tiny
 from vlmoe.data import DataError
 from vlmoe.flops import flops_per_sample
@@ -145,62 +142,6 @@ def variant_configs(base: RunConfig, names: list[str]) -> dict[str, RunConfig]:
     return out
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def run_one(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
-    """Train one (variant, seed) and pull out its validation curve and step time."""
-    from vlmoe.train import train
-
-    # train() reports each validation run on stdout (tqdm.write) even without a progress bar;
-    # compare prints its own one line per run instead. Routing-collapse warnings stay in
-    # each run's metrics.jsonl and are counted below.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        res = train(cfg, out_dir, progress=False, evaluate_test=False, log=lambda s: None)
-    val = [m for m in res.metrics if m["kind"] == "val"]
-    # time per step: median over per-step log lines (log_every=1), robust to validation runs
-    # and to other processes on the machine
-    sps = [
-        m["samples_per_s"] for m in res.metrics if m["kind"] == "train" and m.get("samples_per_s")
-    ]
-    step_s = cfg.train.batch_size / _median(sps) if sps else res.seconds / max(1, res.step)
-    return {
-        "seed": cfg.train.seed,
-        "steps": res.step,
-        "seconds": round(res.seconds, 2),
-        "step_seconds": round(step_s, 4),
-        "final_val_loss": val[-1]["loss"] if val else float("nan"),
-        "final_val_accuracy": val[-1]["accuracy"] if val else float("nan"),
-        "curve": [{"step": m["step"], "loss": m["loss"], "accuracy": m["accuracy"]} for m in val],
-        "collapse_warnings": sum(m["kind"] == "warning" for m in res.metrics),
-    }
-
-
-def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    loss_m, loss_s = _mean_std([r["final_val_loss"] for r in runs])
-    acc_m, acc_s = _mean_std([r["final_val_accuracy"] for r in runs])
-    steps = [p["step"] for p in runs[0]["curve"]]
-    curve = []
-    for i, s in enumerate(steps):
-        ls = [r["curve"][i]["loss"] for r in runs if len(r["curve"]) > i]
-        m, sd = _mean_std(ls)
-        curve.append({"step": s, "loss_mean": m, "loss_std": sd})
-    return {
-        "val_loss_mean": loss_m,
-        "val_loss_std": loss_s,
-        "val_accuracy_mean": acc_m,
-        "val_accuracy_std": acc_s,
-        "step_seconds_median": _median([r["step_seconds"] for r in runs]),
-        "curve": curve,
-    }
-
-
 FLOPS_CONVENTION = (
     "analytic, 2·MACs, matmuls and convs only (stem, attention projections and scores, "
     "FFN / top-k experts, router, head); per sample with the mean question length; "
@@ -231,14 +172,9 @@ def _variant_info(cfgs: dict[str, RunConfig], text_len: float) -> dict[str, dict
 def _finish_variants(info: dict[str, dict[str, Any]], variants: list[str], batch: int) -> None:
     """Aggregate each variant's runs and, with a dense variant, the paired Δ loss vs dense."""
     for name in variants:
-        info[name].update(_aggregate(info[name]["runs"]))
+        info[name].update(aggregate_runs(info[name]["runs"]))
         info[name]["train_flops_per_step"] = info[name]["train_flops_per_sample"] * batch
-    if "dense" in info:
-        ref = {r["seed"]: r["final_val_loss"] for r in info["dense"]["runs"]}
-        for name in variants:
-            d = [r["final_val_loss"] - ref[r["seed"]] for r in info[name]["runs"]]
-            m, s = _mean_std(d)
-            info[name]["delta_vs_dense_mean"], info[name]["delta_vs_dense_std"] = m, s
+    add_paired_deltas(info, "dense")
 
 
 def _run_all(cfgs: dict[str, RunConfig], info: dict[str, dict[str, Any]], seeds: int,
@@ -317,10 +253,6 @@ def compare(
     }
 
 
-def _fmt_params(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
-
-
 def table(summary: dict[str, Any]) -> str:
     """The results table in Markdown."""
     rows = [
@@ -335,7 +267,7 @@ def table(summary: dict[str, Any]) -> str:
             else "—"
         )
         rows.append(
-            f"| {name} | {_fmt_params(v['params_total'])} | {_fmt_params(v['params_active'])} | "
+            f"| {name} | {fmt_params(v['params_total'])} | {fmt_params(v['params_active'])} | "
             f"{v['flops_per_sample'] / 1e6:.2f} | {v['step_seconds_median'] * 1000:.0f} | "
             f"{v['val_loss_mean']:.4f} ± {v['val_loss_std']:.4f} | {delta} | "
             f"{v['val_accuracy_mean'] * 100:.2f} ± {v['val_accuracy_std'] * 100:.2f}% |"
@@ -569,20 +501,9 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, field, None) is not None:
             command += f" --{field.replace('_', '-')} {getattr(args, field)}"
     summary["command"] = command
-    (out / "compare.json").write_text(json.dumps(_finite(summary), indent=1))
+    (out / "compare.json").write_text(json.dumps(finite(summary), indent=1))
     write_markdown(summary, out / "compare.md", command)
     plot(summary, out / "curves.png")
     print(table(summary))
     print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'curves.png'}")
     return 0
-
-
-def _finite(x: Any) -> Any:
-    """JSON has no NaN: replace non-finite floats with None."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_finite(v) for v in x]
-    return x

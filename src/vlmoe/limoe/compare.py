@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlmoe.compare_runs import mean_std, plot_band, run_one
 from vlmoe.config import ConfigError
 from vlmoe.limoe.config import LIMoERunConfig, limoe, limoe_dense, limoe_tiny
 
@@ -95,14 +96,9 @@ def text_spread(checkpoint: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def compare_contrastive(base: LIMoERunConfig, out: Path, steps: int, seeds: int,
                         variants: list[str], log: Any) -> dict[str, Any]:  # fmt: skip
     """Train every (seed, variant) for ``steps`` steps; the summary dict (compare.json)."""
-    from vlmoe.compare import run_one
     from vlmoe.limoe.task import ContrastiveTask
 
     t0 = time.time()
@@ -133,13 +129,13 @@ def compare_contrastive(base: LIMoERunConfig, out: Path, steps: int, seeds: int,
 def _aggregate(v: dict[str, Any]) -> None:
     """Mean ± std over a variant's runs of the final validation numbers and text spread."""
     runs = v["runs"]
-    v["val_loss_mean"], v["val_loss_std"] = _mean_std([r["final_val_loss"] for r in runs])
-    v["zero_shot_mean"], v["zero_shot_std"] = _mean_std([r["final_val_accuracy"] for r in runs])
+    v["val_loss_mean"], v["val_loss_std"] = mean_std([r["final_val_loss"] for r in runs])
+    v["zero_shot_mean"], v["zero_shot_std"] = mean_std([r["final_val_accuracy"] for r in runs])
     v["step_seconds_median"] = statistics.median(r["step_seconds"] for r in runs)
     v["text_spread"] = {}
     for layer in runs[0]["text_spread"]:
         for k in ("experts_taking", "load_entropy", "mean_token_entropy", "image_experts_taking"):
-            m, s = _mean_std([float(r["text_spread"][layer][k]) for r in runs])
+            m, s = mean_std([float(r["text_spread"][layer][k]) for r in runs])
             v["text_spread"].setdefault(layer, {})[k] = {"mean": m, "std": s}
 
 
@@ -169,13 +165,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, v in summary["variants"].items():
-        n = min(len(r["curve"]) for r in v["runs"])
-        steps = [p["step"] for p in v["runs"][0]["curve"][:n]]
         for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
-            ms = [_mean_std([r["curve"][i][key] for r in v["runs"]]) for i in range(n)]
-            (line,) = ax.plot(steps, [m for m, _ in ms], label=name)
-            ax.fill_between(steps, [m - s for m, s in ms], [m + s for m, s in ms], alpha=0.2,
-                            color=line.get_color(), lw=0)  # fmt: skip
+            plot_band(ax, v["runs"], key, name)
     axes[0].set_ylabel("validation contrastive loss")
     axes[1].set_ylabel("validation zero-shot accuracy")
     for ax in axes:
