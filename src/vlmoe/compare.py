@@ -33,6 +33,7 @@ from vlmoe.compare_runs import add_paired_deltas, aggregate_runs, finite, fmt_pa
 from vlmoe.config import ConfigError, RunConfig, default, tiny
 from vlmoe.data import DataError
 from vlmoe.flops import flops_per_sample
+from vlmoe.validate import UsageError
 
 VARIANTS = ("dense", "moe", "moe-vision", "moe-text", "dense-wide")
 
@@ -395,19 +396,23 @@ def apply_moe_options(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from vlmoe.cli import MAX_THREADS
+    from vlmoe.limoe.compare import DEFAULT_STEPS as LIMOE_STEPS
+    from vlmoe.llava.compare import DEFAULT_STEPS as GENERATIVE_STEPS
     from vlmoe.validate import float_arg, int_arg
 
     p.add_argument(
-        "--family", default="vqa", choices=["vqa", "contrastive"],
+        "--family", default="vqa", choices=["vqa", "contrastive", "generative"],
         help="vqa: dense vs MoE VL-MoE (default); contrastive: dense twin vs LIMoE with / "
-        "without entropy losses (variants dense, limoe-noent, limoe)",
+        "without entropy losses (variants dense, limoe-noent, limoe); generative: a dense "
+        "MoE-LLaVA checkpoint (--from) continued dense vs upcycled (variants dense, moe)",
     )  # fmt: skip
     p.add_argument("--data", default="easy-vqa", help="'easy-vqa' (default) or a JSONL file")
     p.add_argument(
         "--steps",
         type=int_arg(1),
         default=None,
-        help=f"training steps per run (default {DEFAULT_STEPS}; {QUICK_STEPS} with --quick)",
+        help=f"training steps per run (default {DEFAULT_STEPS}; {QUICK_STEPS} with --quick; "
+        f"contrastive {LIMOE_STEPS}, generative {GENERATIVE_STEPS})",
     )
     p.add_argument(
         "--seeds", type=int_arg(1, 1000), default=3, help="seeds per variant (default 3)"
@@ -421,7 +426,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         metavar="NAME",
-        help=f"which variants (default: all of the family's; vqa: {' '.join(VARIANTS)})",
+        help=f"which variants (default: all of the family's; vqa: {' '.join(VARIANTS)}; "
+        "generative: dense moe)",
     )
     p.add_argument(
         "--threads",
@@ -429,7 +435,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="torch intra-op threads per run (default 1)",
     )
-    g = p.add_argument_group("MoE settings (applied to every MoE variant; dense-wide follows)")
+    _add_generative_arguments(p)
+    g = p.add_argument_group(
+        "MoE settings",
+        "applied to every MoE variant (dense-wide follows); generative: --num-experts, "
+        "--top-k and --load-balance-weight change the checkpoint's upcycling",
+    )
     g.add_argument(
         "--num-experts", type=int_arg(1, 65536), default=None, help="experts per MoE FFN"
     )
@@ -453,12 +464,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_generative_arguments(p: argparse.ArgumentParser) -> None:
+    from vlmoe.llava import compare as gen
+    from vlmoe.validate import float_arg, int_arg
+
+    g = p.add_argument_group(
+        "--family generative",
+        "upcycled MoE vs dense continuation of one dense checkpoint; the defaults take "
+        "~35 min for 3 seeds on the real moe-llava at 1 thread (estimated from its "
+        "per-sample cost)",
+    )
+    g.add_argument("--from", dest="init_from", default=None, metavar="DIR",
+                   help="a dense MoE-LLaVA checkpoint, e.g. OUT-dense of "
+                   "`vlmoe train --preset moe-llava` (required)")  # fmt: skip
+    g.add_argument("--eval-every", type=int_arg(1), default=None, metavar="K",
+                   help=f"validate every K steps, at step 0 and at the end "
+                   f"(default {gen.DEFAULT_EVAL_EVERY})")  # fmt: skip
+    g.add_argument("--val-questions", type=int_arg(1), default=None, metavar="Q",
+                   help=f"validate on the first Q validation questions (default "
+                   f"{gen.DEFAULT_VAL_QUESTIONS})")  # fmt: skip
+    g.add_argument("--lr", type=float_arg(0, lo_open=True), default=None,
+                   help="peak learning rate of both variants (default: the checkpoint's "
+                   "MoE stage's, 1e-4 for moe-llava)")  # fmt: skip
+
+
+#: options of `--family generative` alone
+GENERATIVE_ONLY = ("init_from", "eval_every", "val_questions", "lr")
+
+
 def run(args: argparse.Namespace) -> int:
     """Compare dense and MoE models at equal compute over seeds (writes compare.md/.json, curves.png).
 
     Trains `dense`, `moe`, `moe-vision`, `moe-text` and `dense-wide` under one identical
     budget and reports parameters, FLOPs, step time and validation loss/accuracy (mean ± std).
+    --family contrastive: the dense two-tower twin vs LIMoE without / with its entropy losses.
+    --family generative --from DIR: a dense MoE-LLaVA checkpoint continued dense vs upcycled
+    to MoE (validation loss and exact match; `vlmoe.llava.compare`).
     """
+    if args.family == "generative":
+        from vlmoe.llava.compare import run_generative
+
+        return run_generative(args)
+    for dest in GENERATIVE_ONLY:
+        if getattr(args, dest, None) is not None:
+            flag = "--from" if dest == "init_from" else "--" + dest.replace("_", "-")
+            raise UsageError(f"{flag}: only with --family generative")
     if args.family == "contrastive":
         from vlmoe.limoe.compare import run_contrastive
 
