@@ -231,6 +231,8 @@ TRAIN = [
 ]
 EVAL = ["eval", "--checkpoint", "{S}/ck", "--data", "{S}/data.jsonl", "--json"]
 ASK = ["ask", "--checkpoint", "{S}/ck", "--image", "{S}/img.png", "--json"]
+#: `vlmoe compare --family generative --from` DIR (DIR appended by each case)
+GCOMPARE = ["compare", "--family", "generative", "--out", "{S}/cmp", "--from"]
 Q = "what shape is in the image?"
 
 
@@ -307,6 +309,10 @@ CLI_CASES = [
     _c("compare-balance-nan", "`compare --load-balance-weight nan`", ["compare", "--quick", "--out", "{S}/cmp", "--load-balance-weight", "nan"], "--load-balance-weight"),
     _c("compare-out-file", "`compare --out` is a file", ["compare", "--quick", "--out", "{S}/notes.txt"], "not a folder"),
     _c("compare-seeds-zero", "`compare --seeds 0`", ["compare", "--quick", "--out", "{S}/cmp", "--seeds", "0"], "--seeds"),
+    _c("compare-generative-vqa", "`compare --family generative --from` a VQA checkpoint", GCOMPARE + ["{S}/ck"], "a vqa checkpoint"),
+    _c("compare-generative-missing", "`compare --family generative --from` a folder that does not exist", GCOMPARE + ["{S}/none"], "checkpoint folder not found"),
+    _c("compare-generative-no-from", "`compare --family generative` without `--from`", GCOMPARE[:-1], "expected --from DIR"),
+    _c("compare-from-vqa-family", "`compare --from` without `--family generative`", ["compare", "--quick", "--out", "{S}/cmp", "--from", "{S}/ck"], "--from: only with --family generative"),
 ]  # fmt: skip
 
 JSONL_CASES = [
@@ -416,6 +422,8 @@ LLAVA_CASES = [
     _c("llava-stage-too-big", "`--stage 9` of a 3-stage preset", LL_TRAIN + ["--stage", "9"], "--stage"),
     _c("llava-stage-no-previous", "`--stage 2` before stage 1 ran", LL_TRAIN + ["--stage", "2"], "run --stage 1 first"),
     _c("llava-from-missing", "`--from` a folder that does not exist", LL_TRAIN + ["--from", "{S}/nothing"], "--from"),
+    _c("llava-compare-upcycled", "`compare --family generative --from` an upcycled checkpoint", GCOMPARE + ["{S}/ck"], "already upcycled"),
+    _c("llava-compare-text-lm", "`compare --family generative --from smollm2`", GCOMPARE + ["smollm2"], "a pretrained language model"),
 ]  # fmt: skip
 
 

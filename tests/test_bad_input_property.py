@@ -181,8 +181,9 @@ def bad_value(path: str, hint: object) -> st.SearchStrategy:
     not_none = json_values.filter(lambda v: v is not None)
     if base_hint is bool:
         return json_values.filter(lambda v: not isinstance(v, bool))
-    if base_hint is int:
-        return json_values.filter(lambda v: not isinstance(v, int) or isinstance(v, bool)) | st.integers(max_value=-1)  # fmt: skip
+    if base_hint is int:  # null is a valid value of a nullable field (test_subset, split_seed)
+        wrong = (not_none if nullable else json_values).filter(lambda v: not isinstance(v, int) or isinstance(v, bool))  # fmt: skip
+        return wrong | st.integers(max_value=-1)
     if base_hint is float:
         wrong = (not_none if nullable else json_values).filter(lambda v: not isinstance(v, int | float) or isinstance(v, bool))  # fmt: skip
         return non_finite | wrong
@@ -260,6 +261,9 @@ OPTIONS = [
     ("compare", "--top-k", ("int", 1, 65536)),
     ("compare", "--load-balance-weight", ("float", 0, False)),
     ("compare", "--capacity-factor", ("float", 0, True)),
+    ("compare", "--eval-every", ("int", 1, None)),
+    ("compare", "--val-questions", ("int", 1, None)),
+    ("compare", "--lr", ("float", 0, True)),
 ]
 
 
