@@ -68,7 +68,7 @@ DEFAULT_VAL_QUESTIONS = 160
 DEFAULT_TRAINABLE = ("lm.layers.*.ffn.*",)
 #: the upcycling settings `--num-experts`, `--top-k`, `--load-balance-weight` override
 MOE_OPTIONS = ("num_experts", "top_k", "load_balance_weight")
-HOW = "give a dense MoE-LLaVA checkpoint, e.g. OUT-dense of `vlmoe train --preset moe-llava`"
+HOW = "give a dense MoE-LLaVA checkpoint, e.g. OUT-dense of vlmoe train --preset moe-llava"
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def dense_source(path: str) -> tuple[LlavaRunConfig, dict[str, Any]]:
         if moe:
             raise UsageError(f"--from {path}: already upcycled (MoE FFNs in layers "
                              f"{moe.get('layers')}); give the dense checkpoint it came "
-                             "from, e.g. OUT-dense of `vlmoe train --preset moe-llava`")  # fmt: skip
+                             "from, e.g. OUT-dense of vlmoe train --preset moe-llava")  # fmt: skip
         for name in REQUIRED:  # checked now: nothing is written before the first run
             if not (d / name).is_file():
                 raise CheckpointError(f"{d / name}: missing (expected a vlmoe checkpoint "
