@@ -398,7 +398,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from vlmoe.cli import MAX_THREADS
     from vlmoe.limoe.compare import DEFAULT_STEPS as LIMOE_STEPS
     from vlmoe.llava.compare import DEFAULT_STEPS as GENERATIVE_STEPS
-    from vlmoe.validate import float_arg, int_arg
+    from vlmoe.validate import int_arg
 
     p.add_argument(
         "--family", default="vqa", choices=["vqa", "contrastive", "generative"],
@@ -436,6 +436,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="torch intra-op threads per run (default 1)",
     )
     _add_generative_arguments(p)
+    _add_moe_arguments(p)
+
+
+def _add_moe_arguments(p: argparse.ArgumentParser) -> None:
+    """--num-experts, --top-k, --moe-layers, --load-balance-weight, --capacity-factor."""
+    from vlmoe.validate import float_arg, int_arg
+
     g = p.add_argument_group(
         "MoE settings",
         "applied to every MoE variant (dense-wide follows); generative: --num-experts, "
@@ -465,6 +472,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generative_arguments(p: argparse.ArgumentParser) -> None:
+    """--from, --eval-every, --val-questions, --lr (--family generative alone)."""
     from vlmoe.llava import compare as gen
     from vlmoe.validate import float_arg, int_arg
 
@@ -513,6 +521,11 @@ def run(args: argparse.Namespace) -> int:
         from vlmoe.limoe.compare import run_contrastive
 
         return run_contrastive(args)
+    return run_vqa(args)
+
+
+def run_vqa(args: argparse.Namespace) -> int:
+    """`vlmoe compare` of the VL-MoE variants (--family vqa, the default)."""
     args.variants = args.variants or list(VARIANTS)
     steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else DEFAULT_STEPS)
     if steps <= 0:

@@ -29,7 +29,8 @@ training step costs ~0.30 s per question for the dense model and ~0.47 s for the
 (top-2 of full-size copies in half the layers; FFNs trainable, AdamW; measured with batch 16 of
 28 tokens, 1 thread, on a busy 2-core machine). One seed is then ~8 min of training, ~2 min of
 validation and ~1 min of loading and saving: ``--seeds 3`` ≈ 35 min (an estimate from those
-step costs, not yet timed end to end).
+step costs, not yet timed end to end), plus ~2 min once where the encoder features of the
+training images are not cached yet (the dense stage on the same machine caches them).
 """
 
 from __future__ import annotations
