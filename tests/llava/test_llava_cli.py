@@ -28,7 +28,7 @@ def test_three_stages_leave_three_checkpoints(llava_run: Path):
     k = "lm.layers.1.attn.wq.weight"
     assert torch.equal(dense[k], final[k])
     align = load_file(str(names["align"] / "model.safetensors"))
-    assert not torch.equal(align["projector.0.weight"], dense["projector.0.weight"])
+    assert not torch.equal(align["projector.fc1.weight"], dense["projector.fc1.weight"])
     lines = [json.loads(x) for x in (llava_run / "metrics.jsonl").read_text().splitlines()]
     assert {m.get("stage") for m in lines if m["kind"] == "train"} == {"align", "dense", "moe"}
     assert any(m["kind"] == "routing" for m in lines) and any(m["kind"] == "test" for m in lines)

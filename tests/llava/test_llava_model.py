@@ -118,23 +118,28 @@ def test_evaluate_generative_counts_exact_matches(llava_task):
 
 def test_evaluate_generative_shortcut_equals_decoding_every_row(llava_task):
     """Rows whose teacher-forced argmax is the reference are not decoded; the accuracy and
-    the answers must equal decoding every row. The model is first fitted on the subset so
-    that both kinds of rows (shortcut and decoded) occur."""
+    the answers must equal decoding every row. The model is fitted to 16 questions, then
+    half of their references are swapped for another question's answer, so that both kinds
+    of rows (shortcut and decoded) occur."""
     model = llava_task.build_model(DENSE)
-    d = llava_task.val_data
-    sub = type(d)(d.split.subset(range(16)), llava_task.tokenizer, None)
-    tok = llava_task.tokenizer
+    d, tok = llava_task.val_data, llava_task.tokenizer
+    split = d.split.subset(range(16))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    batch = collate(sub.examples, model.cfg.visual_tokens, tok.pad_id, None, sub.split.images)
-    for _ in range(25):
+    batch = collate(type(d)(split, tok, None).examples, model.cfg.visual_tokens, tok.pad_id,
+                    None, split.images)  # fmt: skip
+    for _ in range(40):
         opt.zero_grad()
         model(batch).loss.backward()
         opt.step()
+    answers = list(split.answers)
+    for i in range(0, 16, 2):  # another real answer, different from the reference
+        answers[i] = next(a for a in d.split.answers if a != answers[i])
+    sub = type(d)(dataclasses.replace(split, answers=answers), tok, None)
     runs = []
     for every in (False, True):
-        answers = {}
+        got = {}
         res = evaluate_generative(model, sub, tok, 6, generate_all=every,
-                                  on_answer=lambda i, t, a=answers: a.__setitem__(i, t))  # fmt: skip
-        runs.append((res.accuracy, res.per_kind, answers))
+                                  on_answer=lambda i, t, a=got: a.__setitem__(i, t))  # fmt: skip
+        runs.append((res.accuracy, res.per_kind, got))
     assert runs[0] == runs[1]
     assert 0 < runs[0][0] < 1, runs[0][0]  # both paths were taken

@@ -36,6 +36,8 @@ class LlavaConfig:
     encoder_size: int = 224  #: and resized to this side for the encoder
     grid: int = 2  #: the feature map is average-pooled to grid × grid visual tokens
     projector_hidden: int = 0  #: hidden width of the 2-layer MLP projector (0 = LM width)
+    #: LayerNorm on the projector's input, RMSNorm at word-embedding scale on its output
+    projector_norm: bool = True
     max_answer_tokens: int = 8  #: generation stops after this many tokens (or end of turn)
     num_experts: int = 4  #: experts per upcycled FFN (MoE stages)
     top_k: int = 2  #: experts per token

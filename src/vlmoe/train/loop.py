@@ -242,8 +242,10 @@ class Trainer:
         self.val = res
         self.metrics.write({"step": self.pos.step, "epoch": self.epoch(), "kind": "val",
                             **self.stage_field(), "loss": round(res.loss, 5),
-                            "accuracy": round(res.accuracy, 5)})  # fmt: skip
+                            "accuracy": round(res.accuracy, 5), "per_kind": res.per_kind})  # fmt: skip
+        kinds = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in res.per_kind.items())
         msg = f"step {self.pos.step}: val loss {res.loss:.4f} accuracy {res.accuracy:.4f}"
+        msg += f" ({kinds})" if kinds else ""
         if self.progress and self.engine.is_main:
             self.bar.write(msg, file=sys.stderr)  # above the bar; stdout stays for results
         else:
