@@ -143,3 +143,22 @@ def test_evaluate_generative_shortcut_equals_decoding_every_row(llava_task):
         runs.append((res.accuracy, res.per_kind, got))
     assert runs[0] == runs[1]
     assert 0 < runs[0][0] < 1, runs[0][0]  # both paths were taken
+
+
+def test_caption_share_is_per_stage(llava_task):
+    """`model.captions` gives each named stage its share of caption examples; other stages
+    train on questions only."""
+    import copy
+    from itertools import islice
+
+    task = copy.copy(llava_task)
+    model = dataclasses.replace(task.cfg.model, captions={"align": 1.0, "dense": 0.5})
+    task.cfg = dataclasses.replace(task.cfg, model=model)
+    tok, shares = task.tokenizer, {}
+    for name in ("align", "dense", "moe"):
+        task.stage = StageConfig(name)
+        rows = [tok.decode(r.tolist()) for b in islice(task.train_batches(16, 0, 0, 0, 1), 4)
+                for r in b.input_ids]  # fmt: skip
+        shares[name] = sum("What is in the image?" in r for r in rows) / len(rows)
+    assert shares["align"] == 1.0 and shares["moe"] == 0.0
+    assert 0.25 < shares["dense"] < 0.75, shares

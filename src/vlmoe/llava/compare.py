@@ -130,9 +130,11 @@ def comparison_config(src: LlavaRunConfig, from_dir: str, b: Budget,
         warmup_steps=min(t.warmup_steps, b.steps // 10), save_every=0, save_minutes=0.0,
         tensorboard=False,
     )  # fmt: skip
-    # a stage named "moe" is upcycled; captions stay with the align stage: both variants
-    # train on the questions
-    model = dataclasses.replace(src.model, moe_stages=("moe",), caption_stages=(), **moe)
+    # a stage named "moe" is upcycled; both variants (stages "dense" and "moe") see the
+    # questions and captions DIR's MoE stage would have seen
+    share = src.model.captions.get(moe_stage.name, 0.0) if moe_stage else 0.0
+    model = dataclasses.replace(src.model, moe_stages=("moe",),
+                                captions={"dense": share, "moe": share}, **moe)  # fmt: skip
     return dataclasses.replace(src, model=model, train=train, preset=f"compare-{src.preset}")
 
 

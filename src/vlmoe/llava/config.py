@@ -45,14 +45,13 @@ class LlavaConfig:
     load_balance_weight: float = 0.01  #: Switch balance loss weight (MoE-LLaVA: 0.01)
     router_std: float = 0.02  #: init std of a new router
     moe_stages: tuple[str, ...] = ("moe",)  #: stages whose model is upcycled
-    caption_stages: tuple[str, ...] = ("align",)  #: stages trained on captions
-    #: in those stages, the share of examples that are captions (the rest stay questions);
-    #: 1.0 = MoE-LLaVA's caption-only alignment stage
-    caption_share: float = 1.0
+    #: per stage name, the share of training examples that are captions ("What is in the
+    #: image?" → "a red triangle"; the rest stay questions); stages not named train on
+    #: questions only. {"align": 1.0} = MoE-LLaVA's caption-only alignment stage
+    captions: dict[str, float] = field(default_factory=lambda: {"align": 1.0})
 
     def __post_init__(self) -> None:
         self.moe_stages = tuple(self.moe_stages)
-        self.caption_stages = tuple(self.caption_stages)
         for name, allowed in (("lm", LM_SOURCES), ("vision", VISIONS), ("tokenizer", TOKENIZERS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name}: expected one of {allowed}, got {getattr(self, name)!r}")  # fmt: skip
@@ -63,8 +62,13 @@ class LlavaConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"model.{name}: expected a positive integer, got {v!r}")
-        if not (isinstance(self.caption_share, (int, float)) and 0 <= self.caption_share <= 1):
-            raise ConfigError(f"model.caption_share: expected a number in [0, 1], got {self.caption_share!r}")  # fmt: skip
+        ok = isinstance(self.captions, dict) and all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and 0 <= v <= 1 for k, v in self.captions.items()
+        )  # fmt: skip
+        if not ok:
+            raise ConfigError("model.captions: expected {stage name: share in [0, 1]}, "
+                              f"got {self.captions!r}")  # fmt: skip
         if self.top_k > self.num_experts:
             raise ConfigError(f"model.top_k: expected <= num_experts={self.num_experts}, got {self.top_k}")  # fmt: skip
         if self.moe_layers not in ("every_other", "all"):

@@ -1,9 +1,9 @@
 """`GenerativeTask`: the MoE-LLaVA family as the trainer sees it (`vlmoe.train.Task`).
 
 Data: a `VQASplit` (easy-VQA or JSONL ``{"image", "question", "answer"}``), answered in
-words. Stages named in ``model.caption_stages`` train on captions instead: for easy-VQA,
-question i is replaced by "What is in the image?" → "a red triangle" about the same image
-(colour and shape recovered per image from its questions), so every stage has the same
+words. In the stages named in ``model.captions`` a share of the questions is replaced by
+captions: for easy-VQA, question i becomes "What is in the image?" → "a red triangle" about
+the same image (colour and shape recovered per image from its questions), so every stage has the same
 number of steps per epoch; other data has no captions and trains on its questions.
 Stages named in ``model.moe_stages`` build the LM upcycled; `load_weights` copies a dense
 checkpoint's FFN into every expert, so that stage starts exactly where the last one ended.
@@ -160,11 +160,7 @@ class GenerativeTask:
     ) -> Iterator[Any]:
         d, t = self.train_data, self.cfg.train
         m = self.cfg.model
-        share = (
-            m.caption_share
-            if self.stage is not None and self.stage.name in m.caption_stages
-            else 0.0
-        )
+        share = m.captions.get(self.stage.name, 0.0) if self.stage is not None else 0.0
         for idx in shard_order(len(d), batch_size, t.seed, epoch, start, rank, world_size):
             exs = [self.captions[i] if self.captions and caption_coin(t.seed, epoch, i, share)
                    else d.examples[i] for i in idx]  # fmt: skip
