@@ -114,7 +114,7 @@ def moe_llava() -> LlavaRunConfig:
     issue: projector-only 24 samples/s, 78% after 8 min; + FFNs 84% after 8 more.
     """
     return LlavaRunConfig(
-        model=LlavaConfig(caption_share=0.5),
+        model=LlavaConfig(captions={"align": 0.5}),
         train=TrainConfig(
             epochs=1,
             batch_size=16,
