@@ -162,3 +162,40 @@ def test_caption_share_is_per_stage(llava_task):
         shares[name] = sum("What is in the image?" in r for r in rows) / len(rows)
     assert shares["align"] == 1.0 and shares["moe"] == 0.0
     assert 0.25 < shares["dense"] < 0.75, shares
+
+
+def test_counterfactual_yes_no_questions_are_true_half_the_time_and_answered_right(llava_task):
+    """Re-drawn yes/no questions: the answer agrees with the image's (colour, shape) under
+    the question's own negation, only the attribute word changes, and for every question
+    form about half are "yes" (the form no longer predicts the answer)."""
+    import collections
+    import random
+    import re
+
+    from vlmoe.data.pairs import _NEGATION, EASYVQA_COLORS, EASYVQA_SHAPES
+    from vlmoe.llava.data import counterfactual_yes_no
+
+    split, attrs = llava_task.train_split, llava_task.attributes
+    rng, yes = random.Random(0), collections.defaultdict(list)
+    words = EASYVQA_COLORS + EASYVQA_SHAPES
+    changed = 0
+    for q, a, row in zip(split.questions, split.answers, split.image_index.tolist(), strict=True):
+        colour, shape = attrs[row]
+        for _ in range(4):
+            q2, a2 = counterfactual_yes_no(q, a, colour, shape, (rng.random(), rng.random()))
+            if a not in ("yes", "no"):
+                assert (q2, a2) == (q, a)
+                continue
+            named = [w for w in re.findall(r"[a-z]+", q2) if w in words]
+            (w,) = named
+            present = (a2 == "yes") != bool(_NEGATION.search(q2))
+            assert present == (w in (colour, shape)), (q, a, q2, a2, colour, shape)
+            assert re.sub(r"[a-z]+", lambda m: "X" if m[0] in words else m[0], q) == re.sub(
+                r"[a-z]+", lambda m: "X" if m[0] in words else m[0], q2)  # fmt: skip
+            form = re.sub("|".join(words), "X", q)
+            yes[form].append(a2 == "yes")
+            changed += q2 != q
+    assert changed > 0
+    for form, v in yes.items():
+        if len(v) >= 40:
+            assert 0.3 < sum(v) / len(v) < 0.7, (form, sum(v) / len(v))

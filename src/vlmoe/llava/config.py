@@ -49,6 +49,10 @@ class LlavaConfig:
     #: image?" → "a red triangle"; the rest stay questions); stages not named train on
     #: questions only. {"align": 1.0} = MoE-LLaVA's caption-only alignment stage
     captions: dict[str, float] = field(default_factory=lambda: {"align": 1.0})
+    #: re-draw each easy-VQA yes/no training question about the image's true colour/shape or
+    #: another, 50/50, so the answer cannot be read off the question's form
+    #: (`vlmoe.llava.data.counterfactual_yes_no`; other data is unaffected)
+    balance_yes_no: bool = False
 
     def __post_init__(self) -> None:
         self.moe_stages = tuple(self.moe_stages)

@@ -28,6 +28,7 @@ __all__ = [
     "CAPTION_QUESTION",
     "Example",
     "collate",
+    "counterfactual_yes_no",
     "normalize_answer",
     "prompt_example",
     "shard_order",
@@ -118,6 +119,39 @@ def shard_order(
     for b in range(start, n // batch_size):
         glob = perm[b * batch_size : (b + 1) * batch_size]
         yield glob[rank * local : (rank + 1) * local]
+
+
+def counterfactual_yes_no(
+    question: str, answer: str, colour: str, shape: str, u: tuple[float, float]
+) -> tuple[str, str]:
+    """A yes/no question about an easy-VQA image, re-asked about the image's true colour
+    (or shape) or about another one, 50/50 by ``u[0]`` (``u[1]`` picks the other value):
+    ``("is there a blue shape?", "no")`` about a red triangle becomes
+    ``("is there a red shape?", "yes")`` or ``("is there a teal shape?", "no")``.
+
+    Why: in easy-VQA the question alone predicts most yes/no answers ("is there a X shape?"
+    names one of 8 colours, so it is mostly "no"; the negated forms mostly "yes"), and the
+    pretrained LM learns that prior long before it learns to look (measured: 80% on yes/no
+    with 0% on every question against its form's prior). Re-drawn questions are true half
+    the time whatever their form (counterfactual samples, Chen et al. 2020), so only the image
+    tells. The answer is recomputed without parsing negation: it flips iff the new word's
+    truth differs from the old one's. Questions that are not yes/no or do not name exactly
+    one colour or shape come back unchanged.
+    """
+    if answer not in ("yes", "no"):
+        return question, answer
+    from vlmoe.data.pairs import EASYVQA_COLORS, EASYVQA_SHAPES
+
+    named = [w for w in re.findall(r"[a-z]+", question) if w in EASYVQA_COLORS + EASYVQA_SHAPES]
+    if len(named) != 1:
+        return question, answer
+    word = named[0]
+    values, true = (EASYVQA_COLORS, colour) if word in EASYVQA_COLORS else (EASYVQA_SHAPES, shape)
+    others = [v for v in values if v != true]
+    new = true if u[0] < 0.5 else others[min(int(u[1] * len(others)), len(others) - 1)]
+    flip = (word == true) != (new == true)
+    new_answer = {"yes": "no", "no": "yes"}[answer] if flip else answer
+    return re.sub(rf"\b{word}\b", new, question, count=1), new_answer
 
 
 def train_bpe(texts: Sequence[str], vocab_size: int) -> ChatTokenizer:

@@ -31,6 +31,7 @@ from .data import (
     CAPTION_QUESTION,
     Example,
     collate,
+    counterfactual_yes_no,
     normalize_answer,
     prompt_example,
     shard_order,
@@ -126,12 +127,14 @@ class GenerativeTask:
         return SplitData(split, self.tokenizer, feats)
 
     def _captions(self) -> list[Example] | None:
-        """Per training question, a caption example about its image (easy-VQA only)."""
+        """Per training question, a caption example about its image (easy-VQA only; also
+        keeps each image's (colour, shape) in ``self.attributes`` for `_example`)."""
+        self.attributes: list[tuple[str, str]] | None = None
         if self.cfg.data.lower() not in ("easy-vqa", "easyvqa", "easy_vqa"):
             return None
         from vlmoe.data.pairs import image_attributes
 
-        attrs = image_attributes(self.train_split)
+        attrs = self.attributes = image_attributes(self.train_split)
         rows = self.train_split.image_index.tolist()
         return [prompt_example(self.tokenizer, i, r, CAPTION_QUESTION, "a {} {}".format(*attrs[r]))
                 for i, r in enumerate(rows)]  # fmt: skip
@@ -162,9 +165,24 @@ class GenerativeTask:
         m = self.cfg.model
         share = m.captions.get(self.stage.name, 0.0) if self.stage is not None else 0.0
         for idx in shard_order(len(d), batch_size, t.seed, epoch, start, rank, world_size):
-            exs = [self.captions[i] if self.captions and caption_coin(t.seed, epoch, i, share)
-                   else d.examples[i] for i in idx]  # fmt: skip
+            exs = [self._example(i, epoch, share) for i in idx]
             yield collate(exs, m.visual_tokens, self.tokenizer.pad_id, d.features, d.split.images)
+
+    def _example(self, i: int, epoch: int, share: float) -> Example:
+        """Training example ``i`` of ``epoch``: its caption (with probability ``share``), its
+        yes/no question re-drawn by `counterfactual_yes_no` (``model.balance_yes_no``), or
+        the question as it is. A function of (seed, epoch, i): every rank and a resumed run
+        see the same examples."""
+        seed, d = self.cfg.train.seed, self.train_data
+        if self.captions and caption_coin(seed, epoch, i, share):
+            return self.captions[i]
+        ex = d.examples[i]
+        if not (self.cfg.model.balance_yes_no and self.attributes):
+            return ex
+        q, a = d.split.questions[i], d.split.answers[i]
+        colour, shape = self.attributes[ex.image]
+        q2, a2 = counterfactual_yes_no(q, a, colour, shape, uniforms(f"cf/{seed}/{epoch}/{i}"))
+        return ex if (q2, a2) == (q, a) else prompt_example(self.tokenizer, i, ex.image, q2, a2)
 
     def evaluate(self, model: nn.Module, split: str, device: str) -> EvalResult | None:
         t = self.cfg.train
@@ -186,6 +204,12 @@ class GenerativeTask:
 
     def write_assets(self, folder: Path) -> None:
         self.tokenizer.save(folder / "tokenizer.json")
+
+
+def uniforms(key: str) -> tuple[float, float]:
+    """Two numbers in [0, 1) drawn from a hash of ``key`` (no RNG state to carry)."""
+    h = hashlib.blake2b(key.encode(), digest_size=16).digest()
+    return int.from_bytes(h[:8], "little") / 2**64, int.from_bytes(h[8:], "little") / 2**64
 
 
 def caption_coin(seed: int, epoch: int, i: int, share: float) -> bool:
