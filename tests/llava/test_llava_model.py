@@ -199,3 +199,35 @@ def test_counterfactual_yes_no_questions_are_true_half_the_time_and_answered_rig
     for form, v in yes.items():
         if len(v) >= 40:
             assert 0.3 < sum(v) / len(v) < 0.7, (form, sum(v) / len(v))
+
+
+def test_word_alignment_loss_prefers_tokens_that_are_the_words():
+    from vlmoe.llava.model import word_alignment_loss
+
+    g = torch.Generator().manual_seed(0)
+    E = torch.randn(50, 16, generator=g)
+    targets = torch.tensor([[3, 7], [5, -100]])
+    noise = torch.randn(2, 4, 16, generator=g)
+    aligned = noise.clone()
+    aligned[0, 1], aligned[0, 2], aligned[1, 0] = 4 * E[3], 4 * E[7], 4 * E[5]
+    assert word_alignment_loss(aligned, E, targets) < word_alignment_loss(noise, E, targets)
+    none = torch.full((2, 2), -100)
+    assert word_alignment_loss(noise, E, none) == 0
+
+
+def test_training_batches_carry_caption_words_when_aligning(llava_task):
+    import copy
+
+    task = copy.copy(llava_task)
+    task.cfg = dataclasses.replace(
+        task.cfg, model=dataclasses.replace(task.cfg.model, align_words=1.0)
+    )
+    task.stage = DENSE
+    b = next(task.train_batches(16, 0, 0, 0, 1))
+    tok = llava_task.tokenizer
+    for row, q in zip(b.word_ids.tolist(), b.question_index.tolist(), strict=True):
+        colour, shape = task.attributes[int(task.train_split.image_index[q])]
+        assert [t for t in row if t >= 0] == tok.encode(f" {colour}") + tok.encode(f" {shape}")
+    model = task.build_model(DENSE).train()
+    out = model(b)
+    assert float(out.loss) > float(out.task_loss) and "align_loss" in out.metrics

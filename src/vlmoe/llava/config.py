@@ -3,12 +3,13 @@
 A run is three stages (MoE-LLaVA, Lin et al. 2024): ``align`` trains the projector alone on
 image captions, ``dense`` fine-tunes projector and decoder layers on questions, ``moe``
 upcycles every other FFN into 4 copies with a top-2 router and trains FFNs and routers only.
-Which stages read captions and which are upcycled is named here (``caption_stages``,
+Which stages read captions and which are upcycled is named here (``captions``,
 ``moe_stages``), so the trainer stays family-agnostic.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -53,6 +54,10 @@ class LlavaConfig:
     #: another, 50/50, so the answer cannot be read off the question's form
     #: (`vlmoe.llava.data.counterfactual_yes_no`; other data is unaffected)
     balance_yes_no: bool = False
+    #: weight of the word-alignment loss: visual tokens pulled towards the embeddings of the
+    #: words of their image's caption (`vlmoe.llava.model.word_alignment_loss`; easy-VQA's
+    #: derived captions; other data has none). 0 = off
+    align_words: float = 0.0
 
     def __post_init__(self) -> None:
         self.moe_stages = tuple(self.moe_stages)
@@ -73,6 +78,12 @@ class LlavaConfig:
         if not ok:
             raise ConfigError("model.captions: expected {stage name: share in [0, 1]}, "
                               f"got {self.captions!r}")  # fmt: skip
+        for name in ("projector_norm", "balance_yes_no", "freeze_vision"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"model.{name}: expected true or false, got {getattr(self, name)!r}")  # fmt: skip
+        w = self.align_words
+        if not (isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < math.inf):
+            raise ConfigError(f"model.align_words: expected a finite number >= 0, got {w!r}")
         if self.top_k > self.num_experts:
             raise ConfigError(f"model.top_k: expected <= num_experts={self.num_experts}, got {self.top_k}")  # fmt: skip
         if self.moe_layers not in ("every_other", "all"):

@@ -75,11 +75,12 @@ def prompt_example(
 def collate(
     examples: Sequence[Example], n_visual: int, pad_id: int,
     features: torch.Tensor | None = None, images: torch.Tensor | None = None,
-    left_pad: bool = False,
+    left_pad: bool = False, image_words: Sequence[list[int]] | None = None,
 ) -> LlavaBatch:  # fmt: skip
-    """A `LlavaBatch` of ``examples``; ``features [N, V, F]`` / ``images [N, 3, S, S]`` are
-    indexed by each example's image row. Right padding for training (answers included),
-    left padding for generation (prompts only: rows then end together)."""
+    """A `LlavaBatch` of ``examples``; ``features [N, V, F]`` / ``images [N, 3, S, S]`` and
+    ``image_words`` (caption word ids per image → ``word_ids``) are indexed by each
+    example's image row. Right padding for training (answers included), left padding for
+    generation (prompts only: rows then end together)."""
     with_image = examples[0].image >= 0
     if any((e.image >= 0) != with_image for e in examples):
         raise ValueError("collate: a batch mixes examples with and without an image")
@@ -103,8 +104,14 @@ def collate(
     feats = features[rows_idx] if with_image and features is not None else None
     imgs = images[rows_idx] if with_image and feats is None and images is not None else None
     has_answers = all(e.answer is not None for e in examples)
+    words = None
+    if with_image and image_words is not None:
+        per = [image_words[e.image] for e in examples]
+        words = torch.full((len(per), max(map(len, per), default=0)), -100, dtype=torch.long)
+        for i, w in enumerate(per):
+            words[i, : len(w)] = torch.tensor(w, dtype=torch.long)
     return LlavaBatch(ids, img, am, lab if has_answers else None, feats, imgs,
-                      torch.tensor([e.index for e in examples], dtype=torch.long))  # fmt: skip
+                      torch.tensor([e.index for e in examples], dtype=torch.long), words)  # fmt: skip
 
 
 def shard_order(

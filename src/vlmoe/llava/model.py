@@ -31,6 +31,7 @@ __all__ = [
     "Projector",
     "TinyEncoder",
     "build_encoder",
+    "word_alignment_loss",
     "pooled_features",
 ]
 
@@ -42,7 +43,9 @@ class LlavaBatch:
     (1 = token, 0 = padding; right-padded for training, left-padded for generation);
     labels long [B, L] or None (the answer tokens, -100 elsewhere; shifted inside the LM);
     features float [B, V, F] (cached encoder output) or images uint8 [B, 3, S, S] or both
-    None (text only); question_index long [B] (row of each example in its split)."""
+    None (text only); question_index long [B] (row of each example in its split);
+    word_ids long [B, W] or None: per row, the token ids of its image's caption words
+    (-100 = none), targets of the word-alignment loss (`word_alignment_loss`; training only)."""
 
     input_ids: Tensor
     image_mask: Tensor
@@ -51,6 +54,7 @@ class LlavaBatch:
     features: Tensor | None
     images: Tensor | None
     question_index: Tensor
+    word_ids: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -123,6 +127,36 @@ class Projector(nn.Module):
         return self.norm_out(self.fc2(self.act(self.fc1(self.norm_in(x)))))
 
 
+def word_alignment_loss(vis_BVD: Tensor, embed_WD: Tensor, word_ids_BN: Tensor) -> Tensor:
+    """Pull each image's visual tokens towards the word embeddings of its caption's words.
+
+    ``vis_BVD`` visual tokens, ``embed_WD`` the LM's token embeddings (W = vocabulary),
+    ``word_ids_BN`` target ids per row (-100 = none). A word's score is
+    ``logsumexp_v <vis_v, embed_w>`` (some visual token reads as that word); the loss is the
+    mean over targets of the cross-entropy of that score over the vocabulary without the
+    row's other targets (the colour and the shape word must not compete for one softmax).
+    0 without targets.
+
+    Why: SmolLM2 learns balanced yes/no questions ("is there a red shape?") in ~60 steps
+    when the image is given as the caption *text*, but not in 500 steps from visual tokens
+    that only its later layers learned to name (measured): matching the question's word
+    against a token in context is what a pretrained LM already does. Visual tokens near the
+    words of what they show can be matched the same way.
+    """
+    mask = word_ids_BN >= 0
+    if not bool(mask.any()):
+        return vis_BVD.sum() * 0.0
+    score_BW = torch.einsum("bvd,wd->bvw", vis_BVD.float(), embed_WD.float()).logsumexp(1)
+    B, N = word_ids_BN.shape
+    ids = word_ids_BN.clamp_min(0)
+    others_BNW = torch.zeros(B, N, score_BW.shape[1], dtype=torch.bool, device=ids.device)
+    others_BNW.scatter_(2, ids[:, None, :].expand(B, N, N), True)
+    others_BNW.scatter_(2, ids[:, :, None], False)
+    score_BNW = score_BW[:, None, :].masked_fill(others_BNW, float("-inf"))
+    logp_BN = score_BNW.log_softmax(-1).gather(2, ids[:, :, None]).squeeze(2)
+    return -logp_BN[mask].mean()
+
+
 class LlavaModel(nn.Module):
     """``vision`` (encoder) → ``projector`` (`Projector`: F → H → D) → ``lm`` (``CausalLM``)."""
 
@@ -161,17 +195,28 @@ class LlavaModel(nn.Module):
     def embed(self, batch: LlavaBatch) -> Tensor:
         """Input embeddings ``[B, L, D]``: token embeddings with the visual tokens spliced in
         at ``image_mask`` (row-major: row b's V positions get its V tokens in order)."""
+        return self._embed(batch)[0]
+
+    def _embed(self, batch: LlavaBatch) -> tuple[Tensor, Tensor | None]:
         emb = self.lm.embed(batch.input_ids)
         if batch.features is None and batch.images is None:
-            return emb
+            return emb, None
         vis = self.visual_tokens(batch)
-        return emb.masked_scatter(batch.image_mask[..., None], vis.to(emb.dtype))
+        return emb.masked_scatter(batch.image_mask[..., None], vis.to(emb.dtype)), vis
 
     def forward(self, batch: LlavaBatch) -> ModelOutput:
         """The LM's ``ModelOutput`` on the spliced prompt: with ``labels``, next-token loss on
-        the answer tokens only (``logits`` ``[N, V]`` at those N positions)."""
-        return self.lm(inputs_embeds=self.embed(batch), attention_mask=batch.attention_mask,
-                       labels=batch.labels)  # fmt: skip
+        the answer tokens only (``logits`` ``[N, V]`` at those N positions). In training, with
+        ``batch.word_ids`` and ``cfg.align_words`` > 0, ``loss`` also holds that weight times
+        `word_alignment_loss` (logged as the metric ``align_loss``); ``task_loss`` does not."""
+        emb, vis = self._embed(batch)
+        out = self.lm(inputs_embeds=emb, attention_mask=batch.attention_mask, labels=batch.labels)
+        w = self.cfg.align_words
+        if self.training and w > 0 and vis is not None and batch.word_ids is not None:
+            align = word_alignment_loss(vis, self.lm.embed.weight.detach(), batch.word_ids)
+            out.loss = out.loss + w * align if out.loss is not None else None
+            out.metrics["align_loss"] = align.detach()
+        return out
 
     @torch.no_grad()
     def generate(

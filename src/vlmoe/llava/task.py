@@ -130,11 +130,15 @@ class GenerativeTask:
         """Per training question, a caption example about its image (easy-VQA only; also
         keeps each image's (colour, shape) in ``self.attributes`` for `_example`)."""
         self.attributes: list[tuple[str, str]] | None = None
+        self.image_words: list[list[int]] | None = None
         if self.cfg.data.lower() not in ("easy-vqa", "easyvqa", "easy_vqa"):
             return None
         from vlmoe.data.pairs import image_attributes
 
         attrs = self.attributes = image_attributes(self.train_split)
+        # each image's caption words as the LM spells them inside a sentence (" red")
+        self.image_words = [self.tokenizer.encode(f" {c}") + self.tokenizer.encode(f" {s}")
+                            for c, s in attrs]  # fmt: skip
         rows = self.train_split.image_index.tolist()
         return [prompt_example(self.tokenizer, i, r, CAPTION_QUESTION, "a {} {}".format(*attrs[r]))
                 for i, r in enumerate(rows)]  # fmt: skip
@@ -166,7 +170,9 @@ class GenerativeTask:
         share = m.captions.get(self.stage.name, 0.0) if self.stage is not None else 0.0
         for idx in shard_order(len(d), batch_size, t.seed, epoch, start, rank, world_size):
             exs = [self._example(i, epoch, share) for i in idx]
-            yield collate(exs, m.visual_tokens, self.tokenizer.pad_id, d.features, d.split.images)
+            words = self.image_words if m.align_words > 0 else None
+            yield collate(exs, m.visual_tokens, self.tokenizer.pad_id, d.features,
+                          d.split.images, image_words=words)  # fmt: skip
 
     def _example(self, i: int, epoch: int, share: float) -> Example:
         """Training example ``i`` of ``epoch``: its caption (with probability ``share``), its

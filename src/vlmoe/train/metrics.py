@@ -82,6 +82,9 @@ class Window:
         }
         if totals.get("count"):
             out["accuracy"] = round(totals.get("correct", 0.0) / totals["count"], 4)
+        for k, v in totals.items():  # a model's own extra losses ("align_loss"): per step
+            if k.endswith("_loss"):
+                out[k] = round(v / steps, 5)
         out["samples_per_s"] = round(
             totals.get("samples", 0.0) / max(time.time() - self.t0, 1e-9), 1
         )
