@@ -1,7 +1,7 @@
 """Robustness table: a checkpoint's easy-VQA test accuracy on re-rendered, shifted images.
 
     python bench/robustness.py --checkpoint DIR [--baseline DIR2] [--json OUT.json]
-                               [--max-images N] [--seed S] [--threads T]
+                               [--max-images N] [--seed S] [--threads T] [--shifts NAME ...]
 
 One row per shift and severity (see `vlmoe.robustness.default_shifts`): what the checkpoint's
 family measures, overall and per kind (VL-MoE: answer accuracy per question kind over the
@@ -25,7 +25,7 @@ import torch
 from vlmoe.checkpoint import CheckpointError
 from vlmoe.data import DataError
 from vlmoe.families import family_of_checkpoint
-from vlmoe.robustness import markdown_table, run_shifts, summarize
+from vlmoe.robustness import Shift, default_shifts, markdown_table, run_shifts, summarize
 
 
 def _rows(path: str, args: argparse.Namespace) -> list[dict]:
@@ -35,7 +35,20 @@ def _rows(path: str, args: argparse.Namespace) -> list[dict]:
         raise CheckpointError(f"{path}: no robustness table for {family.kind} checkpoints yet")
     evaluator, image_size = make(path)
     log = lambda s: print(f"  {Path(path).name}: {s}", file=sys.stderr, flush=True)  # noqa: E731
-    return run_shifts(evaluator, image_size, max_images=args.max_images, seed=args.seed, log=log)
+    return run_shifts(evaluator, image_size, _chosen(args.shifts), max_images=args.max_images,
+                      seed=args.seed, log=log)  # fmt: skip
+
+
+def _chosen(names: list[str] | None) -> list[Shift] | None:
+    """The default rows whose shift name is one of ``names`` (all rows when None)."""
+    if not names:
+        return None
+    rows = [sh for sh in default_shifts() if sh.name in names]
+    unknown = sorted(set(names) - {sh.name for sh in rows})
+    if unknown:
+        known = sorted({sh.name for sh in default_shifts()})
+        raise DataError(f"--shifts: unknown {unknown}; expected names from {known}")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-images", type=int, default=0, help="first N test images (0 = all)")
     ap.add_argument("--seed", type=int, default=0, help="renderer seed")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--shifts", nargs="+", default=None, metavar="NAME",
+                    help='only these rows, e.g. "easy-VQA test images" "another program"')  # fmt: skip
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -47,3 +47,15 @@ def test_bench_bad_checkpoint_is_one_clean_line(tmp_path):
     p = _bench("--checkpoint", str(tmp_path / "missing"))
     assert p.returncode == 1
     assert p.stderr.startswith("vlmoe: error:") and "Traceback" not in p.stderr
+
+
+def test_bench_shifts_picks_rows_by_name_and_refuses_unknown_names(tiny_checkpoint, tmp_path):
+    out = tmp_path / "rob.json"
+    p = _bench("--checkpoint", str(tiny_checkpoint), "--max-images", "4", "--json", str(out),
+               "--shifts", "re-rendered", "another program")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["shift"] for r in rows] == ["re-rendered", "another program"]
+    p = _bench("--checkpoint", str(tiny_checkpoint), "--shifts", "sideways")
+    assert p.returncode == 1 and p.stderr.startswith("vlmoe: error: --shifts: unknown")
+    assert "Traceback" not in p.stderr
