@@ -43,10 +43,11 @@ def _chosen(names: list[str] | None) -> list[Shift] | None:
     """The default rows whose shift name is one of ``names`` (all rows when None)."""
     if not names:
         return None
-    rows = [sh for sh in default_shifts() if sh.name in names]
+    shifts = default_shifts()
+    rows = [sh for sh in shifts if sh.name in names]
     unknown = sorted(set(names) - {sh.name for sh in rows})
     if unknown:
-        known = sorted({sh.name for sh in default_shifts()})
+        known = sorted({sh.name for sh in shifts})
         raise DataError(f"--shifts: unknown {unknown}; expected names from {known}")
     return rows
 

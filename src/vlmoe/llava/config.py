@@ -9,12 +9,12 @@ Which stages read captions and which are upcycled is named here (``captions``,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from vlmoe.config import ConfigError, RunConfigBase, StageConfig, TrainConfig
+from vlmoe.validate import check_fields, check_range
 
 LM_SOURCES = ("smollm2", "random")
 VISIONS = ("efficientnet-lite0", "tiny")
@@ -78,12 +78,8 @@ class LlavaConfig:
         if not ok:
             raise ConfigError("model.captions: expected {stage name: share in [0, 1]}, "
                               f"got {self.captions!r}")  # fmt: skip
-        for name in ("projector_norm", "balance_yes_no", "freeze_vision"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"model.{name}: expected true or false, got {getattr(self, name)!r}")  # fmt: skip
-        w = self.align_words
-        if not (isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < math.inf):
-            raise ConfigError(f"model.align_words: expected a finite number >= 0, got {w!r}")
+        check_fields(self, "model", ConfigError)  # bools, finite floats, strings by annotation
+        check_range("model.align_words", self.align_words, 0.0, None, ConfigError)
         if self.top_k > self.num_experts:
             raise ConfigError(f"model.top_k: expected <= num_experts={self.num_experts}, got {self.top_k}")  # fmt: skip
         if self.moe_layers not in ("every_other", "all"):

@@ -136,9 +136,11 @@ class GenerativeTask:
         from vlmoe.data.pairs import image_attributes
 
         attrs = self.attributes = image_attributes(self.train_split)
-        # each image's caption words as the LM spells them inside a sentence (" red")
-        self.image_words = [self.tokenizer.encode(f" {c}") + self.tokenizer.encode(f" {s}")
-                            for c, s in attrs]  # fmt: skip
+        # each image's caption words as the LM spells them inside a sentence (" red"); the
+        # 24 (colour, shape) pairs are tokenised once, not once per image
+        spelt = {(c, s): self.tokenizer.encode(f" {c}") + self.tokenizer.encode(f" {s}")
+                 for c, s in set(attrs)}  # fmt: skip
+        self.image_words = [spelt[a] for a in attrs]
         rows = self.train_split.image_index.tolist()
         return [prompt_example(self.tokenizer, i, r, CAPTION_QUESTION, "a {} {}".format(*attrs[r]))
                 for i, r in enumerate(rows)]  # fmt: skip
