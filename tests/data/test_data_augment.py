@@ -108,3 +108,39 @@ def test_training_applies_the_augmentation_deterministically(tmp_path):
     a, b, plain = weights("a", ALL), weights("b", ALL), weights("plain", AugmentConfig())
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], plain[k]) for k in a)
+
+
+def test_prob_augments_that_share_of_rows_as_the_whole_batch_would(batch):
+    half = AugmentConfig(**{**ALL.__dict__, "prob": 0.5})
+    every = augment_images(batch, ALL, augment_generator(5, 2))
+    some = augment_images(batch, half, augment_generator(5, 2))
+    kept = (some == batch).flatten(1).all(1)
+    assert 16 < int(kept.sum()) < 48  # about half the 64 rows left as they were
+    # the picked rows are exactly what they are when every row is augmented
+    assert torch.equal(some[~kept], every[~kept])
+    off = AugmentConfig(**{**ALL.__dict__, "prob": 0.0})
+    assert not off.enabled and torch.equal(
+        augment_images(batch, off, augment_generator(5, 2)), batch
+    )
+    with pytest.raises(ValueError, match="prob"):
+        AugmentConfig(prob=1.5)
+
+
+def test_start_epoch_leaves_the_first_epochs_clean(tmp_path):
+    from vlmoe.checkpoint import load_checkpoint
+    from vlmoe.config import get_preset
+    from vlmoe.train import train
+
+    def weights(name: str, augment: AugmentConfig, epochs: float) -> dict[str, torch.Tensor]:
+        cfg = get_preset("tiny")
+        cfg.train.epochs, cfg.train.augment = epochs, augment
+        train(cfg, tmp_path / name, stop_after=4, progress=False, log=lambda s: None)
+        return load_checkpoint(tmp_path / name).model.state_dict()
+
+    # tiny has more than 4 steps an epoch: with start_epoch 1 its first 4 steps see clean images
+    late = AugmentConfig(**{**ALL.__dict__, "start_epoch": 1.0})
+    assert late.active(1.0) and not late.active(0.99)
+    plain, delayed = weights("plain", AugmentConfig(), 2), weights("late", late, 2)
+    now = weights("now", ALL, 2)
+    assert all(torch.equal(plain[k], delayed[k]) for k in plain)
+    assert any(not torch.equal(plain[k], now[k]) for k in plain)

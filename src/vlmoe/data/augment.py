@@ -42,6 +42,12 @@ class AugmentConfig:
     blur: float = 0.0  #: Gaussian blur with sigma uniform in [0, blur] pixels
     noise: float = 0.0  #: Gaussian noise with std uniform in [0, noise] (0..255 units)
     jpeg: float = 0.0  #: probability of a JPEG round trip at quality 20..90
+    #: probability that a row is augmented at all; the others stay the data set's own images,
+    #: so the clean distribution keeps its share of every batch
+    prob: float = 1.0
+    #: the epoch from which augmentation applies (e.g. 2: the first two epochs see clean
+    #: images, so shapes are learned before they are shown upside down and rescaled)
+    start_epoch: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -53,14 +59,25 @@ class AugmentConfig:
         # (red × 0.65 is nearer brown than red): refuse it rather than teach wrong answers
         if self.brightness > 0.2:
             raise ValueError(f"train.augment.brightness: expected <= 0.2, got {self.brightness}")
-        if max(self.resample, self.jpeg, self.vflip) > 1:
+        if max(self.resample, self.jpeg, self.vflip, self.prob) > 1:
             raise ValueError(
-                "train.augment.resample, .jpeg, .vflip are probabilities: expected <= 1"
+                "train.augment.resample, .jpeg, .vflip, .prob are probabilities: expected <= 1"
             )
 
     @property
     def enabled(self) -> bool:
-        return any(getattr(self, f.name) > 0 for f in fields(self))
+        """True when some augmentation is switched on (and `prob` lets rows through)."""
+        return self.prob > 0 and any(
+            getattr(self, f.name) > 0 for f in fields(self) if f.name not in _SCHEDULE
+        )
+
+    def active(self, epoch: float) -> bool:
+        """Whether augmentation applies at fractional `epoch` (0 = the first step)."""
+        return self.enabled and epoch >= self.start_epoch
+
+
+#: AugmentConfig fields that say when and how often, not what
+_SCHEDULE = ("prob", "start_epoch")
 
 
 def augment_generator(seed: int, step: int) -> torch.Generator:
@@ -86,8 +103,9 @@ class _Params:
     noise_seed: torch.Tensor
     jpeg_p: torch.Tensor
     jpeg_u: torch.Tensor
+    apply_u: torch.Tensor  # row augmented at all when below AugmentConfig.prob
 
-    def rows(self, sl: slice) -> _Params:
+    def rows(self, sl: slice | torch.Tensor) -> _Params:
         return _Params(**{f.name: getattr(self, f.name)[sl] for f in fields(self)})
 
 
@@ -110,6 +128,7 @@ def _draw(n: int, gen: torch.Generator) -> _Params:
         noise_seed=torch.randint(0, 2**62, (n,), generator=gen),
         jpeg_p=u(),
         jpeg_u=u(),
+        apply_u=u(),  # drawn last: the draws above stay those of runs made before it
     )
 
 
@@ -127,12 +146,18 @@ def augment_images(
     """
     b = images_BCHW.shape[0]
     p = _draw(b * world_size, gen).rows(slice(rank * b, (rank + 1) * b))
+    pick = torch.nonzero(p.apply_u < cfg.prob).flatten()
+    out = images_BCHW.clone()
+    if pick.numel() == 0:
+        return out
     # Many small per-row ops: on one thread they cost ~1/20 of what they do across two
     # threads on a busy CPU (each parallel region waits for a descheduled worker).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out = _augment_rows(images_BCHW, cfg, p)
+        # every step below treats a row on its own: the picked rows come out as they would
+        # in the whole batch
+        out[pick] = _augment_rows(images_BCHW[pick], cfg, p.rows(pick))
     finally:
         torch.set_num_threads(threads)
     return out

@@ -12,15 +12,31 @@ import math
 import torch
 from torch import nn
 
+#: the stem's normalisation choices (`ModelConfig.stem_norm`) → the number of groups of a
+#: GroupNorm over c channels. "layer": one group, all channels of an image normalised
+#: together. "channel": one group per channel (instance norm), so each feature map gets its
+#: own scale: a faint edge detector is not drowned by a strong colour channel, and shape
+#: features form early.
+STEM_GROUPS = {"layer": lambda c: 1, "channel": lambda c: c}
+
 
 class ConvStem(nn.Module):
     """images [B, 3, S, S] → patch tokens [B, P, D] with P = (S / patch_size)².
 
-    log2(patch_size) − 1 stride-2 3×3 convs (width doubling from `channels`), then a stride-2
-    2×2 conv to `d_model`; plus a learned position embedding per patch.
+    log2(patch_size) − 1 stride-2 3×3 convs (width doubling from `channels`), each followed by
+    a GroupNorm (`norm`, a key of STEM_GROUPS) and GELU, then a stride-2 2×2 conv to `d_model`;
+    plus a learned position embedding per patch. Every norm is per image, so a row's tokens
+    never depend on the other rows of its batch (one process and several agree).
+
+    Why "channel" for easy-VQA: with "layer", a linear shape probe on the pooled tokens needs
+    ~180 steps of batch 128 to pass 95%, and the VQA model's shape answers sit near chance
+    for 5–6 epochs; with "channel" the probe needs ~80 steps and the VQA model leaves the
+    plateau in its second epoch (README, Robustness).
     """
 
-    def __init__(self, image_size: int, patch_size: int, channels: int, d_model: int) -> None:
+    def __init__(
+        self, image_size: int, patch_size: int, channels: int, d_model: int, norm: str = "layer"
+    ) -> None:
         super().__init__()
         n = int(math.log2(patch_size))
         if 2**n != patch_size or n < 1:
@@ -31,7 +47,7 @@ class ConvStem(nn.Module):
             c_out = channels * 2**i
             layers += [
                 nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
-                nn.GroupNorm(1, c_out),
+                nn.GroupNorm(STEM_GROUPS[norm](c_out), c_out),
                 nn.GELU(),
             ]
             c_in = c_out

@@ -120,7 +120,8 @@ class VQATask:
         for i, batch in enumerate(batches, start):
             if t.hflip:
                 batch.images = hflip(batch.images, (t.seed, epoch, i), rank, world_size)
-            if t.augment.enabled:  # answer-preserving, never hue; a function of (seed, step)
+            # answer-preserving, never hue; a function of (seed, step)
+            if t.augment.active(epoch + i / per_epoch):
                 gen = augment_generator(t.seed, epoch * per_epoch + i)
                 batch.images = augment_images(batch.images, t.augment, gen, world_size, rank)
             yield batch

@@ -1,0 +1,71 @@
+"""The VL-MoE conv stem: its two normalisations and the config field that picks one."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from vlmoe.config import ConfigError, ModelConfig, RunConfig, get_preset
+from vlmoe.models.vision import ConvStem
+
+
+def _norm_outputs(stem: ConvStem, images: torch.Tensor) -> list[torch.Tensor]:
+    """The output of every GroupNorm of the stem, [B, C, H, W] each."""
+    seen: list[torch.Tensor] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        for m in stem.modules()
+        if isinstance(m, nn.GroupNorm)
+    ]
+    with torch.no_grad():
+        stem(images)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("norm", ["layer", "channel"])
+def test_a_row_does_not_depend_on_its_batch(norm: str) -> None:
+    torch.manual_seed(0)
+    stem = ConvStem(64, 16, 8, 32, norm=norm)
+    images = torch.rand(4, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        together = stem(images)
+        alone = torch.cat([stem(images[i : i + 1]) for i in range(4)])
+    assert together.shape == (4, 16, 32)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_norm_normalises_each_channel_of_each_image() -> None:
+    torch.manual_seed(0)
+    # a red square on a light background: channels differ a lot in mean and spread
+    images = torch.full((2, 3, 64, 64), 0.9)
+    images[:, 1:, 20:40, 20:40] = -0.8
+    for norm, per_channel in (("channel", True), ("layer", False)):
+        stem = ConvStem(64, 16, 8, 32, norm=norm)
+        outs = _norm_outputs(stem, images)
+        assert len(outs) == 3  # one per stride-2 3×3 conv of a 16-px patch stem
+        for out in outs:  # at init the affine is the identity: the raw normalised maps
+            mean, std = out.mean((2, 3)), out.std((2, 3), unbiased=False)
+            if per_channel:
+                torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-4, rtol=0)
+                assert ((std - 1).abs() < 1e-2).all()
+            else:  # one group: only the mean over channels is zero, channels differ
+                assert mean.abs().max() > 0.05
+                torch.testing.assert_close(mean.mean(1), torch.zeros(2), atol=1e-4, rtol=0)
+
+
+def test_stem_norm_field() -> None:
+    assert get_preset("default").model.stem_norm == "channel"
+    assert get_preset("dense").model.stem_norm == "channel"
+    # a config.json written before the field existed reads as the norm it was trained with
+    old = dataclasses.asdict(get_preset("default"))
+    del old["model"]["stem_norm"]
+    assert RunConfig.from_dict(old).model.stem_norm == "layer"
+    with pytest.raises(
+        ConfigError, match=r"^model\.stem_norm: expected one of layer, channel, got 'batch'$"
+    ):
+        ModelConfig(stem_norm="batch")
