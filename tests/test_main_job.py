@@ -103,3 +103,29 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, capsy
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def test_the_default_presets_augmentation_only_on_easy_vqa(tmp_path, capsys):
+    from vlmoe.cli import _train_config, build_parser
+
+    def augment(*argv: str):
+        return _train_config(build_parser().parse_args(["train", *argv])).train.augment
+
+    assert augment().enabled and augment().start_epoch == 2  # the main job augments
+    assert not augment("--no-augment").enabled
+    # a user's pictures need not be one shape on a light background: off, and said so
+    paths = list(get_test_image_paths().values())[:20]
+    f = tmp_path / "mine.jsonl"
+    f.write_text(
+        "".join(
+            json.dumps({"image": p, "question": "what shape is this?", "answer": "circle"}) + "\n"
+            for p in paths
+        )
+    )
+    argv = ["--data", str(f), "--batch-size", "8", "--stop-after", "1", "--no-progress"]
+    rc, _, err = run_cli(capsys, "train", *argv, "--out", str(tmp_path / "ck"))
+    assert rc == 0, err
+    assert "augmentation is off for --data" in err
+    saved = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert saved["run"]["train"]["augment"]["prob"] == 1.0  # AugmentConfig(): nothing on
+    assert not load_checkpoint(tmp_path / "ck").config.train.augment.enabled

@@ -118,11 +118,31 @@ def _train_config(args: argparse.Namespace) -> RunConfig:
         cfg.train.save_minutes = args.save_minutes
     if args.tensorboard:
         cfg.train.tensorboard = True
+    _augment_switch(cfg, args)
     cfg.train.__post_init__()  # re-validate overridden fields
     check_data_spec(cfg.data)
     if args.stage is not None or args.init_from is not None:
         _select_stage(cfg, args)
     return cfg
+
+
+def _augment_switch(cfg: RunConfig, args: argparse.Namespace) -> None:
+    """--no-augment, and no preset augmentation on a user's --data: the presets' is made for
+    easy-VQA's pictures (one shape on a light background, answers that survive an upside-down
+    flip), where it keeps every answer true; on other pictures it could change one."""
+    from vlmoe.data.augment import AugmentConfig
+
+    if not cfg.train.augment.enabled:
+        return
+    if args.no_augment:
+        cfg.train.augment = AugmentConfig()
+    elif cfg.data != "easy-vqa":
+        cfg.train.augment = AugmentConfig()
+        print(
+            f"vlmoe train: the {args.preset} preset's augmentation is off for --data "
+            "(it is made for easy-VQA's pictures: one shape on a light background)",
+            file=sys.stderr,
+        )
 
 
 def _select_stage(cfg: RunConfig, args: argparse.Namespace) -> None:
@@ -258,6 +278,8 @@ def _add_train_arguments(t: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    t.add_argument("--no-augment", action="store_true",
+                   help="train without the preset's image augmentation")  # fmt: skip
     t.add_argument(
         "--overwrite", action="store_true", help="replace an existing checkpoint in --out"
     )

@@ -59,6 +59,10 @@ def compare_base() -> RunConfig:
         image_size=32,
         patch_size=8,
         stem_channels=32,
+        # the stem the documented comparisons (docs/compare*.md) were measured with; the
+        # default preset has since moved to "channel", which the dense-vs-MoE question is
+        # orthogonal to
+        stem_norm="layer",
         d_model=D,
         n_heads=4,
         d_ff=4 * D,
