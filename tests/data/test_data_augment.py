@@ -70,10 +70,12 @@ def test_deterministic_per_seed_and_step_and_pure(batch):
     assert torch.equal(batch, before)  # the input is left alone
 
 
-def test_two_processes_get_exactly_the_rows_of_one(batch):
-    whole = augment_images(batch, ALL, augment_generator(3, 11))
+@pytest.mark.parametrize("prob", [1.0, 0.5])
+def test_two_processes_get_exactly_the_rows_of_one(batch, prob):
+    cfg = AugmentConfig(**{**ALL.__dict__, "prob": prob})
+    whole = augment_images(batch, cfg, augment_generator(3, 11))
     halves = [
-        augment_images(batch[r * 32 : (r + 1) * 32], ALL, augment_generator(3, 11), 2, r)
+        augment_images(batch[r * 32 : (r + 1) * 32], cfg, augment_generator(3, 11), 2, r)
         for r in range(2)
     ]
     assert torch.equal(torch.cat(halves), whole)

@@ -29,8 +29,8 @@ class ConvStem(nn.Module):
     never depend on the other rows of its batch (one process and several agree).
 
     Why "channel" for easy-VQA: with "layer", a linear shape probe on the pooled tokens needs
-    ~180 steps of batch 128 to pass 95%, and the VQA model's shape answers sit near chance
-    for 5–6 epochs; with "channel" the probe needs ~80 steps and the VQA model leaves the
+    150–200 steps of batch 128 to pass 95%, and the VQA model's shape answers sit near chance
+    for 5–6 epochs; with "channel" the probe needs 50–100 steps and the VQA model leaves the
     plateau in its second epoch (README, Robustness).
     """
 
