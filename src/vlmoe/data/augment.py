@@ -147,20 +147,22 @@ def augment_images(
     b = images_BCHW.shape[0]
     p = _draw(b * world_size, gen).rows(slice(rank * b, (rank + 1) * b))
     pick = torch.nonzero(p.apply_u < cfg.prob).flatten()
-    out = images_BCHW.clone()
     if pick.numel() == 0:
-        return out
+        return images_BCHW.clone()
     # Many small per-row ops: on one thread they cost ~1/20 of what they do across two
     # threads on a busy CPU (each parallel region waits for a descheduled worker).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        if pick.numel() == b:  # every row (prob 1): no gather and scatter copies
+            return _augment_rows(images_BCHW, cfg, p)
         # every step below treats a row on its own: the picked rows come out as they would
         # in the whole batch
+        out = images_BCHW.clone()
         out[pick] = _augment_rows(images_BCHW[pick], cfg, p.rows(pick))
+        return out
     finally:
         torch.set_num_threads(threads)
-    return out
 
 
 def _augment_rows(images_BCHW: torch.Tensor, cfg: AugmentConfig, p: _Params) -> torch.Tensor:
