@@ -46,6 +46,14 @@ def test_flops_match_flop_counter_on_dense(base):
         )
 
 
+def test_flops_match_flop_counter_with_a_full_resolution_stem_layer():
+    cfg = _complete(dense(tiny()).model, stem_full_res=4)
+    plain = flops_per_sample(_complete(dense(tiny()).model), 7).stem
+    fl = flops_per_sample(cfg, 7)
+    assert fl.total == pytest.approx(_counted_flops(cfg, 7), rel=1e-9)
+    assert fl.stem > plain
+
+
 def test_flops_match_flop_counter_on_moe_reference_path():
     # the reference path is a loop of ordinary matmuls over the routed tokens, so the counter
     # sees exactly top_k expert FFNs per token plus the router

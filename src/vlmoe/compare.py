@@ -60,9 +60,10 @@ def compare_base() -> RunConfig:
         patch_size=8,
         stem_channels=32,
         # the stem the documented comparisons (docs/compare*.md) were measured with; the
-        # default preset has since moved to "channel", which the dense-vs-MoE question is
-        # orthogonal to
+        # default preset has since moved to "channel" (and may add a full-resolution layer),
+        # which the dense-vs-MoE question is orthogonal to
         stem_norm="layer",
+        stem_full_res=0,
         d_model=D,
         n_heads=4,
         d_ff=4 * D,

@@ -45,6 +45,9 @@ class ModelConfig:
     #: image together; checkpoints from before this field) or "channel" (each channel of each
     #: image on its own, which learns shapes in a fifth of the steps; see ConvStem)
     stem_norm: str = "layer"
+    #: width of an extra stride-1 3×3 conv at full resolution in front of the stem (0: none,
+    #: as in checkpoints from before this field); it is what small shapes need (ConvStem)
+    stem_full_res: int = 0
     vocab_size: int = 0  #: word vocabulary size; 0 = take it from the tokenizer at build time
     max_text_len: int = 24  #: questions are truncated to this many tokens ([CLS] included)
     num_answers: int = 0  #: size of the answer head; 0 = take it from the training data
@@ -235,6 +238,7 @@ _MODEL_RANGES = (
     ("image_size", 2, 1024),
     ("patch_size", 2, 1024),
     ("stem_channels", 1, 4096),
+    ("stem_full_res", 0, 4096),
     ("vocab_size", 0, None),
     ("max_text_len", 1, 65536),
     ("num_answers", 0, None),

@@ -63,6 +63,9 @@ def stem_flops(cfg: ModelConfig) -> int:
     """FLOPs of the conv stem (`vlmoe.models.vision.ConvStem`) on one image."""
     n = int(math.log2(cfg.patch_size))
     size, c_in, total = cfg.image_size, 3, 0
+    if cfg.stem_full_res:  # stride-1 3×3 conv, padding 1: size unchanged
+        total += 2 * size * size * cfg.stem_full_res * 3 * 9
+        c_in = cfg.stem_full_res
     for i in range(n - 1):  # stride-2 3×3 convs, padding 1
         size = (size + 2 - 3) // 2 + 1
         c_out = cfg.stem_channels * 2**i

@@ -27,10 +27,10 @@ def _norm_outputs(stem: ConvStem, images: torch.Tensor) -> list[torch.Tensor]:
     return seen
 
 
-@pytest.mark.parametrize("norm", ["layer", "channel"])
-def test_a_row_does_not_depend_on_its_batch(norm: str) -> None:
+@pytest.mark.parametrize(("norm", "full_res"), [("layer", 0), ("channel", 0), ("channel", 4)])
+def test_a_row_does_not_depend_on_its_batch(norm: str, full_res: int) -> None:
     torch.manual_seed(0)
-    stem = ConvStem(64, 16, 8, 32, norm=norm)
+    stem = ConvStem(64, 16, 8, 32, norm=norm, full_res=full_res)
     images = torch.rand(4, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         together = stem(images)
@@ -69,3 +69,21 @@ def test_stem_norm_field() -> None:
         ConfigError, match=r"^model\.stem_norm: expected one of layer, channel, got 'batch'$"
     ):
         ModelConfig(stem_norm="batch")
+
+
+def test_full_resolution_layer() -> None:
+    torch.manual_seed(0)
+    stem = ConvStem(64, 16, 8, 32, norm="channel", full_res=4)
+    convs = [m for m in stem.stem if isinstance(m, nn.Conv2d)]
+    # the extra conv keeps the full 64 × 64 and feeds the usual stride-2 chain
+    assert [(c.in_channels, c.out_channels, c.stride) for c in convs] == [
+        (3, 4, (1, 1)), (4, 8, (2, 2)), (8, 16, (2, 2)), (16, 32, (2, 2)), (32, 32, (2, 2))
+    ]  # fmt: skip
+    outs = _norm_outputs(stem, torch.rand(2, 3, 64, 64))
+    assert [tuple(o.shape[1:]) for o in outs][0] == (4, 64, 64)
+    # a config.json from before the field: no extra layer; absurd widths are refused
+    old = dataclasses.asdict(get_preset("default"))
+    del old["model"]["stem_full_res"]
+    assert RunConfig.from_dict(old).model.stem_full_res == 0
+    with pytest.raises(ConfigError, match=r"^model\.stem_full_res: "):
+        ModelConfig(stem_full_res=-1)

@@ -44,7 +44,12 @@ class VLMoE(nn.Module):
         self.cfg = cfg
         D = cfg.d_model
         self.vision = ConvStem(
-            cfg.image_size, cfg.patch_size, cfg.stem_channels, D, norm=cfg.stem_norm
+            cfg.image_size,
+            cfg.patch_size,
+            cfg.stem_channels,
+            D,
+            norm=cfg.stem_norm,
+            full_res=cfg.stem_full_res,
         )
         self.text = TextEmbedding(cfg.vocab_size, cfg.max_text_len, D)
         self.type_vision_D = nn.Parameter(torch.zeros(D))
