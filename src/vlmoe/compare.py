@@ -60,8 +60,8 @@ def compare_base() -> RunConfig:
         patch_size=8,
         stem_channels=32,
         # the stem the documented comparisons (docs/compare*.md) were measured with; the
-        # default preset has since moved to "channel" (and may add a full-resolution layer),
-        # which the dense-vs-MoE question is orthogonal to
+        # default preset has since moved to "channel" and a full-resolution layer, which the
+        # dense-vs-MoE question is orthogonal to
         stem_norm="layer",
         stem_full_res=0,
         d_model=D,

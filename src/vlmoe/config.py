@@ -233,6 +233,16 @@ class TrainConfig:
 #: `ModelConfig.stem_norm` choices (see `vlmoe.models.vision.ConvStem`)
 STEM_NORMS = ("layer", "channel")
 
+
+def stem_convs(patch_size: int, channels: int, full_res: int = 0) -> list[tuple[int, int]]:
+    """(out channels, stride) of each 3×3 conv of the conv stem, in order: a stride-1 conv to
+    `full_res` channels if `full_res` > 0, then log2(patch_size) − 1 stride-2 convs doubling
+    from `channels`. The one schedule that `ConvStem` builds and `flops.stem_flops` counts."""
+    n = int(math.log2(patch_size))
+    first = [(full_res, 1)] if full_res else []
+    return first + [(channels * 2**i, 2) for i in range(n - 1)]
+
+
 #: (field, min, max) of the integer and float fields of ModelConfig / TrainConfig
 _MODEL_RANGES = (
     ("image_size", 2, 1024),
@@ -379,8 +389,8 @@ def default() -> RunConfig:
     (`DEFAULT_AUGMENT`), which is what makes the model hold on pictures drawn otherwise
     (README, Robustness).
     """
-    # the dataclass defaults are this preset but for stem_norm (whose default keeps old
-    # checkpoints loading as they were trained), epochs and augment; spelled out here so the
+    # the dataclass defaults are this preset but for stem_norm and stem_full_res (whose
+    # defaults keep old checkpoints loading as they were trained), epochs and augment; spelled out here so the
     # preset reads whole
     return RunConfig(
         model=ModelConfig(

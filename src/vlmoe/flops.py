@@ -22,10 +22,9 @@ Per sample with P image patches and L text tokens, S = P + L, D = d_model:
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
-from vlmoe.config import ModelConfig
+from vlmoe.config import ModelConfig, stem_convs
 
 
 @dataclass
@@ -61,14 +60,9 @@ def _ffn_flops(d_model: int, d_ff: int, activation: str) -> int:
 
 def stem_flops(cfg: ModelConfig) -> int:
     """FLOPs of the conv stem (`vlmoe.models.vision.ConvStem`) on one image."""
-    n = int(math.log2(cfg.patch_size))
     size, c_in, total = cfg.image_size, 3, 0
-    if cfg.stem_full_res:  # stride-1 3×3 conv, padding 1: size unchanged
-        total += 2 * size * size * cfg.stem_full_res * 3 * 9
-        c_in = cfg.stem_full_res
-    for i in range(n - 1):  # stride-2 3×3 convs, padding 1
-        size = (size + 2 - 3) // 2 + 1
-        c_out = cfg.stem_channels * 2**i
+    for c_out, stride in stem_convs(cfg.patch_size, cfg.stem_channels, cfg.stem_full_res):
+        size = (size + 2 - 3) // stride + 1  # 3×3, padding 1
         total += 2 * size * size * c_out * c_in * 9
         c_in = c_out
     size //= 2  # final stride-2 2×2 conv to d_model

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from vlmoe.config import stem_convs
+
 #: the stem's normalisation choices (`ModelConfig.stem_norm`) → the number of groups of a
 #: GroupNorm over c channels. "layer": one group, all channels of an image normalised
 #: together. "channel": one group per channel (instance norm), so each feature map gets its
@@ -56,9 +58,7 @@ class ConvStem(nn.Module):
             raise ValueError(f"model.patch_size: expected a power of two >= 2, got {patch_size}")
         layers: list[nn.Module] = []
         c_in = 3
-        widths = [(full_res, 1)] if full_res else []
-        widths += [(channels * 2**i, 2) for i in range(n - 1)]
-        for c_out, stride in widths:
+        for c_out, stride in stem_convs(patch_size, channels, full_res):
             layers += [
                 nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
                 nn.GroupNorm(STEM_GROUPS[norm](c_out), c_out),
