@@ -177,6 +177,10 @@ class TrainConfig:
     collapse_patience: int = 3  #: … or an expert stays under 1%, for this many routing checks
     eval_batch_size: int = 512  #: batch size for validation and test
     hflip: bool = True  #: random horizontal flips of training images (answers are flip-invariant)
+    #: a training batch takes its questions in runs of up to this many about one picture
+    #: (runs in random order; 1 = questions drawn one by one). The conv stem then runs once
+    #: per picture, and the picture's rows share its flip and augmentation draws.
+    questions_per_image: int = 1
     save_minutes: float = 10.0  #: also checkpoint after this many minutes of training (0 = off)
     tensorboard: bool = False  #: also write TensorBoard event files to OUT-tensorboard
     #: a step with a NaN/inf loss or gradient: "stop" the run with an error, or "skip" it
@@ -261,6 +265,7 @@ _MODEL_RANGES = (
 )
 _TRAIN_RANGES = (
     ("batch_size", 1, None),
+    ("questions_per_image", 1, 1024),
     ("weight_decay", 0.0, None),
     ("warmup_steps", 0, None),
     ("min_lr_ratio", 0.0, 1.0),

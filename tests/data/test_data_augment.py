@@ -146,3 +146,45 @@ def test_start_epoch_leaves_the_first_epochs_clean(tmp_path):
     now = weights("now", ALL, 2)
     assert all(torch.equal(plain[k], delayed[k]) for k in plain)
     assert any(not torch.equal(plain[k], now[k]) for k in plain)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_rows_drawing_from_one_row_come_out_as_one_image(batch, world):
+    # rows 2i and 2i+1 show one picture (as Batch.first_row says when questions come in runs)
+    pictures = batch[:16].repeat_interleave(2, 0)  # [32, ...]
+    draw = torch.arange(32) // 2 * 2
+    whole = augment_images(pictures, ALL, augment_generator(1, 3), draw_rows=draw)
+    assert torch.equal(whole[0::2], whole[1::2])
+    # each picture got its first row's draws: what the plain call gives that row
+    plain = augment_images(pictures, ALL, augment_generator(1, 3))
+    assert torch.equal(whole[0::2], plain[0::2]) and not torch.equal(whole[1::2], plain[1::2])
+    shards = [
+        augment_images(
+            pictures[r * 32 // world : (r + 1) * 32 // world], ALL, augment_generator(1, 3),
+            world, r, draw_rows=draw[r * 32 // world : (r + 1) * 32 // world],
+        )
+        for r in range(world)
+    ]  # fmt: skip
+    assert torch.equal(torch.cat(shards), whole)
+
+
+@pytest.mark.parametrize("per_image", [1, 2])
+def test_training_batches_keep_a_pictures_rows_one_image(per_image):
+    from vlmoe.config import get_preset
+    from vlmoe.train.task import VQATask
+
+    cfg = get_preset("tiny")
+    cfg.train.augment = ALL  # with hflip (on in tiny): every row's image is drawn anew
+    cfg.train.questions_per_image = per_image
+    task = VQATask(cfg)
+    seen = 0
+    for batch in task.train_batches(32, 0, 0, 0, 1):
+        if per_image == 1:
+            assert batch.first_row is None  # rows drew apart: none repeats another's image
+            continue
+        first = batch.first_row
+        assert torch.equal(batch.images[first], batch.images)  # one picture, one image
+        seen += int((first != torch.arange(len(first))).sum())
+    assert seen > (50 if per_image == 2 else -1)
+    with pytest.raises(ConfigError, match="questions_per_image"):
+        RunConfig.from_dict({"train": {"questions_per_image": 0}})

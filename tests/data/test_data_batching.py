@@ -101,3 +101,44 @@ def test_bad_arguments_raise_at_call(split, tok):
         iterate_batches(split, tok, ["yes"], 4, shuffle=False, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_size"):
         iterate_batches(split, tok, ["yes"], 0, shuffle=False)
+
+
+def test_questions_of_a_picture_come_in_runs(split, tok):
+    kw = dict(shuffle=True, seed=4, epoch=1)
+    runs = _batches(split, tok, per_image=2, **kw)
+    order = _cat(runs, "question_index")
+    assert sorted(order.tolist()) == list(range(203))  # still every question once
+    assert (
+        order.tolist() == _cat(_batches(split, tok, per_image=2, **kw), "question_index").tolist()
+    )
+    assert order.tolist() != _cat(_batches(split, tok, **kw), "question_index").tolist()
+    pictures = split.image_index[order]
+    # a picture's questions are dealt in runs of at most 2: many neighbours share a picture,
+    # three in a row only where two runs of one picture happen to meet
+    same_as_prev = (pictures[1:] == pictures[:-1]).long()
+    assert int(same_as_prev.sum()) > 203 // 4
+    assert int((same_as_prev[1:] & same_as_prev[:-1]).sum()) < 203 // 20
+    distinct = [int(split.image_index[b.question_index].unique().numel()) for b in runs]
+    one_by_one = [
+        int(split.image_index[b.question_index].unique().numel())
+        for b in _batches(split, tok, **kw)
+    ]
+    assert sum(distinct) < 0.75 * sum(one_by_one)  # fewer pictures per batch: cheaper stem
+
+
+@pytest.mark.parametrize("per_image", [1, 2])
+def test_first_row_names_the_first_row_of_the_global_batch_with_that_picture(split, tok, per_image):
+    kw = dict(shuffle=True, seed=7, epoch=2, per_image=per_image, drop_last=True)
+    world = _batches(split, tok, bs=32, **kw)
+    shards = [_batches(split, tok, bs=16, rank=r, world_size=2, **kw) for r in range(2)]
+    for whole, b0, b1 in zip(world, *shards, strict=True):
+        pic = split.image_index[whole.question_index]
+        first = whole.first_row
+        assert torch.equal(pic[first], pic)  # the same picture …
+        assert all(int(first[i]) == int((pic == pic[i]).nonzero()[0]) for i in range(32))  # … first
+        assert torch.equal(torch.cat([b0.first_row, b1.first_row]), first)  # global rows
+    assert sum(int((b.first_row != torch.arange(32)).sum()) for b in world) > (
+        10 if per_image == 2 else -1
+    )
+    with pytest.raises(ValueError, match="per_image"):
+        iterate_batches(split, tok, ["yes"], 4, shuffle=True, per_image=0)

@@ -87,3 +87,55 @@ def test_full_resolution_layer() -> None:
     assert RunConfig.from_dict(old).model.stem_full_res == 0
     with pytest.raises(ConfigError, match=r"^model\.stem_full_res: "):
         ModelConfig(stem_full_res=-1)
+
+
+def test_channels_last_backward_conv_gives_the_same_gradients_bit_for_bit() -> None:
+    from vlmoe.models.vision import ChannelsLastBackwardConv2d
+
+    torch.manual_seed(0)
+    fast = ChannelsLastBackwardConv2d(8, 16, 3, stride=2, padding=1)
+    plain = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+    plain.load_state_dict(fast.state_dict())  # same parameter names: checkpoints load
+    x = torch.randn(6, 8, 32, 32, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    g = torch.randn(6, 16, 16, 16)
+    y, y2 = fast(x), plain(x2)
+    y.backward(g)
+    y2.backward(g)
+    assert y.is_contiguous() and torch.equal(y, y2)
+    assert torch.equal(x.grad, x2.grad)
+    assert torch.equal(fast.weight.grad, plain.weight.grad)
+    assert torch.equal(fast.bias.grad, plain.bias.grad)
+    stem = ConvStem(64, 16, 8, 32, norm="channel", full_res=4)
+    assert [type(m) for m in stem.stem if isinstance(m, nn.Conv2d)][:3] == [
+        nn.Conv2d, ChannelsLastBackwardConv2d, nn.Conv2d
+    ]  # fmt: skip
+
+
+def test_rows_showing_one_image_share_one_stem_pass() -> None:
+    from vlmoe.models.vlmo import build_model
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(
+        get_preset("tiny").model, vocab_size=20, num_answers=5, stem_norm="channel", stem_full_res=4
+    )
+    model = build_model(cfg)
+    pictures = torch.rand(3, 3, 32, 32) * 2 - 1
+    images = pictures[[0, 1, 0, 2, 1, 0]]
+    ids = torch.randint(1, 20, (6, 5))
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    first_row = torch.tensor([0, 1, 0, 3, 1, 0])
+    calls: list[int] = []
+    model.vision.register_forward_hook(lambda _m, inp, _o: calls.append(inp[0].shape[0]))
+    shared = model.encode(images, ids, mask, first_row)
+    apart = model.encode(images, ids, mask)
+    assert calls == [3, 6]  # three distinct images: three rows through the stem
+    for a, b in zip(shared[:3], apart[:3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the gradient of the shared stem pass is the sum over the rows that use it
+    grads = []
+    for same in (first_row, None):
+        model.zero_grad()
+        model.encode(images, ids, mask, same)[1].square().sum().backward()
+        grads.append(model.vision.stem[0].weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)

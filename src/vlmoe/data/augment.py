@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vlmoe.data.batching import group_rows
+
 
 @dataclass
 class AugmentConfig:
@@ -138,14 +140,29 @@ def augment_images(
     gen: torch.Generator,
     world_size: int = 1,
     rank: int = 0,
+    draw_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Augment this rank's rows of a global batch; returns a new tensor [B, 3, S, S].
 
     Pure: the input is not modified; the output depends only on the input rows, `cfg` and the
     generator's state (which advances). See the module docstring for what is preserved.
+    `draw_rows` (long [B], rows of the global batch): each row takes that row's draws instead
+    of its own (`Batch.first_row`); rows that show one picture and take one row's draws come
+    out as one image, augmented once.
     """
     b = images_BCHW.shape[0]
-    p = _draw(b * world_size, gen).rows(slice(rank * b, (rank + 1) * b))
+    params = _draw(b * world_size, gen)
+    if draw_rows is None:
+        return _augment(images_BCHW, cfg, params.rows(slice(rank * b, (rank + 1) * b)))
+    # augment one row per distinct draw row, then hand each row its picture's result
+    first, inverse = group_rows(draw_rows)
+    once = _augment(images_BCHW[first.to(images_BCHW.device)], cfg, params.rows(draw_rows[first]))
+    return once[inverse.to(once.device)]
+
+
+def _augment(images_BCHW: torch.Tensor, cfg: AugmentConfig, p: _Params) -> torch.Tensor:
+    """augment_images on rows whose draws `p` are already chosen."""
+    b = images_BCHW.shape[0]
     pick = torch.nonzero(p.apply_u < cfg.prob).flatten()
     if pick.numel() == 0:
         return images_BCHW.clone()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmoe.config import ModelConfig
+from vlmoe.data.batching import group_rows
 from vlmoe.models.blocks import MultiwayBlock
 from vlmoe.models.heads import AnswerHead
 from vlmoe.models.output import ModelOutput, RoutingRecord, init_linear
@@ -77,12 +78,20 @@ class VLMoE(nn.Module):
         self.apply(init_linear)
 
     def encode(
-        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        same_image: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[RoutingRecord]]:
-        """Run the blocks → (vision tokens [B,P,D], text tokens [B,L,D], aux loss, records)."""
+        """Run the blocks → (vision tokens [B,P,D], text tokens [B,L,D], aux loss, records).
+
+        `same_image` (long [B], e.g. `Batch.first_row`): rows with equal values have identical
+        images, so the conv stem runs once per distinct image and its tokens are shared (its
+        gradient summed). The stem treats each image on its own, so the result is the same."""
         L = min(input_ids.shape[1], self.cfg.max_text_len)
         input_ids, attention_mask = input_ids[:, :L], attention_mask[:, :L].bool()
-        x_v = self.vision(images) + self.type_vision_D
+        x_v = self._patch_tokens(images, same_image) + self.type_vision_D
         x_t = self.text(input_ids) + self.type_text_D
         aux = x_v.new_zeros(())
         records: list[RoutingRecord] = []
@@ -93,8 +102,18 @@ class VLMoE(nn.Module):
             records += r
         return self.norm(x_v), self.norm(x_t), aux, records
 
+    def _patch_tokens(self, images: torch.Tensor, same_image: torch.Tensor | None) -> torch.Tensor:
+        if same_image is None:
+            return self.vision(images)
+        first, inverse = group_rows(same_image.to(images.device))
+        if first.numel() == images.shape[0]:
+            return self.vision(images)
+        return self.vision(images[first])[inverse]
+
     def forward(self, batch: Any) -> ModelOutput:
-        x_v, x_t, aux, records = self.encode(batch.images, batch.input_ids, batch.attention_mask)
+        x_v, x_t, aux, records = self.encode(
+            batch.images, batch.input_ids, batch.attention_mask, getattr(batch, "first_row", None)
+        )
         logits = self.head(x_t[:, 0], x_v.mean(dim=1))
         out = ModelOutput(loss=None, task_loss=None, aux_loss=aux, logits=logits, routing=records)
         labels = getattr(batch, "labels", None)

@@ -114,16 +114,25 @@ class VQATask:
             self.train_split, self.tokenizer, self.answers, batch_size // world_size,
             shuffle=True, seed=t.seed, epoch=epoch, drop_last=True,
             max_len=self.cfg.model.max_text_len, start_batch=start, rank=rank,
-            world_size=world_size,
+            world_size=world_size, per_image=t.questions_per_image,
         )  # fmt: skip
         per_epoch = self.batches_per_epoch(batch_size)
+        # rows of one picture take the draws of its first row (so stay one image) when
+        # questions come grouped by picture; otherwise each row draws its own
+        shared = t.questions_per_image > 1
         for i, batch in enumerate(batches, start):
+            draw = batch.first_row if shared else None
             if t.hflip:
-                batch.images = hflip(batch.images, (t.seed, epoch, i), rank, world_size)
+                batch.images = hflip(batch.images, (t.seed, epoch, i), rank, world_size, draw)
             # answer-preserving, never hue; a function of (seed, step)
-            if t.augment.active(epoch + i / per_epoch):
+            augment = t.augment.active(epoch + i / per_epoch)
+            if augment:
                 gen = augment_generator(t.seed, epoch * per_epoch + i)
-                batch.images = augment_images(batch.images, t.augment, gen, world_size, rank)
+                batch.images = augment_images(
+                    batch.images, t.augment, gen, world_size, rank, draw_rows=draw
+                )
+            if (t.hflip or augment) and not shared:
+                batch.first_row = None  # rows of one picture drew apart: no longer one image
             yield batch
 
     def evaluate(self, model: nn.Module, split: str, device: str) -> EvalResult | None:
@@ -148,15 +157,24 @@ class VQATask:
         self.tokenizer.save(folder / "tokenizer.json")
 
 
-def hflip(images: torch.Tensor, key: tuple[int, int, int], rank: int, world: int) -> torch.Tensor:
+def hflip(
+    images: torch.Tensor,
+    key: tuple[int, int, int],
+    rank: int,
+    world: int,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mirror a random half of a batch's images [B, 3, S, S] (easy-VQA answers — colour, shape,
     yes/no — do not change under a mirror). The coin flips are drawn for the whole global
     batch from a generator keyed by (seed, epoch, batch), and each rank keeps its rows: the same
     images flip at any process count, and a resumed run flips exactly as an uninterrupted one.
+    `rows` (long [B], rows of the global batch): take those rows' coins instead of this
+    rank's own (`Batch.first_row`: rows of one picture flip together).
     """
     seed, epoch, i = key
     g = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + i) % 2**63)
-    flip = (torch.rand(images.shape[0] * world, generator=g) < 0.5).chunk(world)[rank]
+    coins = torch.rand(images.shape[0] * world, generator=g) < 0.5
+    flip = coins.chunk(world)[rank] if rows is None else coins[rows]
     return torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
 
 
