@@ -188,3 +188,21 @@ def test_training_batches_keep_a_pictures_rows_one_image(per_image):
     assert seen > (50 if per_image == 2 else -1)
     with pytest.raises(ConfigError, match="questions_per_image"):
         RunConfig.from_dict({"train": {"questions_per_image": 0}})
+
+
+def test_vflip_all_turns_the_unaugmented_rows_too(batch):
+    every = AugmentConfig(vflip=1.0, vflip_all=True, prob=0.0)
+    assert every.enabled
+    assert torch.equal(augment_images(batch, every, augment_generator(2, 4)), batch.flip(-2))
+    # augmented rows are flipped once (then retouched), not flipped back
+    half = AugmentConfig(vflip=1.0, vflip_all=True, brightness=0.05, prob=0.5)
+    out = augment_images(batch, half, augment_generator(2, 4))
+    plain = (out == batch.flip(-2)).flatten(1).all(1)  # rows left unaugmented
+    assert 16 < int(plain.sum()) < 48
+    to_flipped = (out - batch.flip(-2)).abs().flatten(1).mean(1)
+    to_upright = (out - batch).abs().flatten(1).mean(1)
+    assert bool((to_flipped[~plain] < to_upright[~plain]).all())
+    # off without vflip_all: unaugmented rows stay upright
+    gated = AugmentConfig(vflip=1.0, brightness=0.05, prob=0.5)
+    kept = (augment_images(batch, gated, augment_generator(2, 4)) == batch).flatten(1).all(1)
+    assert torch.equal(kept, plain)

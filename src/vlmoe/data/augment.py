@@ -17,6 +17,7 @@ process and two give the same images (the hflip rule, `Dist.rank_slice`).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from dataclasses import dataclass, fields
@@ -40,6 +41,10 @@ class AugmentConfig:
     #: probability of an upside-down flip (with rotate ≥ 30 it gives triangles every
     #: orientation: apex up ± 30° and apex down ± 30° cover their 120° period)
     vflip: float = 0.0
+    #: flip upside down with probability `vflip` every row, also those `prob` leaves
+    #: unaugmented (False: only augmented rows, so an upside-down picture is always also
+    #: retouched, and a model may tell upside-down shapes only on retouched pictures)
+    vflip_all: bool = False
     resample: float = 0.0  #: probability of a down-and-up resample through a side in [S/2, S)
     blur: float = 0.0  #: Gaussian blur with sigma uniform in [0, blur] pixels
     noise: float = 0.0  #: Gaussian noise with std uniform in [0, noise] (0..255 units)
@@ -69,6 +74,8 @@ class AugmentConfig:
     @property
     def enabled(self) -> bool:
         """True when some augmentation is switched on (and `prob` lets rows through)."""
+        if self.vflip_all and self.vflip > 0:
+            return True
         return self.prob > 0 and any(
             getattr(self, f.name) > 0 for f in fields(self) if f.name not in _SCHEDULE
         )
@@ -78,8 +85,8 @@ class AugmentConfig:
         return self.enabled and epoch >= self.start_epoch
 
 
-#: AugmentConfig fields that say when and how often, not what
-_SCHEDULE = ("prob", "start_epoch")
+#: AugmentConfig fields that say when, how often and to which rows, not what
+_SCHEDULE = ("prob", "start_epoch", "vflip_all")
 
 
 def augment_generator(seed: int, step: int) -> torch.Generator:
@@ -163,6 +170,12 @@ def augment_images(
 def _augment(images_BCHW: torch.Tensor, cfg: AugmentConfig, p: _Params) -> torch.Tensor:
     """augment_images on rows whose draws `p` are already chosen."""
     b = images_BCHW.shape[0]
+    if cfg.vflip_all and cfg.vflip > 0:
+        flip = p.vflip_u < cfg.vflip
+        images_BCHW = torch.where(
+            flip.to(images_BCHW.device)[:, None, None, None], images_BCHW.flip(-2), images_BCHW
+        )
+        cfg = dataclasses.replace(cfg, vflip=0.0)  # done: the augmented rows flip no more
     pick = torch.nonzero(p.apply_u < cfg.prob).flatten()
     if pick.numel() == 0:
         return images_BCHW.clone()
