@@ -206,3 +206,22 @@ def test_vflip_all_turns_the_unaugmented_rows_too(batch):
     gated = AugmentConfig(vflip=1.0, brightness=0.05, prob=0.5)
     kept = (augment_images(batch, gated, augment_generator(2, 4)) == batch).flatten(1).all(1)
     assert torch.equal(kept, plain)
+
+
+def test_retouch_leaves_some_augmented_rows_only_moved(batch):
+    full = AugmentConfig(**{**ALL.__dict__, "noise": 8.0})
+    never = AugmentConfig(**{**full.__dict__, "retouch": 0.0})
+    moved_only = AugmentConfig(zoom=ALL.zoom, rotate=ALL.rotate, vflip=ALL.vflip)
+    assert torch.equal(
+        augment_images(batch, never, augment_generator(6, 1)),
+        augment_images(batch, moved_only, augment_generator(6, 1)),
+    )
+    # a batch whose rows all draw a blur too faint to apply (here: none retouched)
+    assert augment_images(batch[:1], never, augment_generator(6, 1)).shape == (1, 3, 64, 64)
+    half = AugmentConfig(**{**full.__dict__, "retouch": 0.5})
+    a = augment_images(batch, half, augment_generator(6, 1))
+    retouched = (a == augment_images(batch, full, augment_generator(6, 1))).flatten(1).all(1)
+    moved = (a == augment_images(batch, never, augment_generator(6, 1))).flatten(1).all(1)
+    assert bool((retouched ^ moved).all()) and 16 < int(moved.sum()) < 48
+    with pytest.raises(ValueError, match="retouch"):
+        AugmentConfig(retouch=1.5)

@@ -49,6 +49,10 @@ class AugmentConfig:
     blur: float = 0.0  #: Gaussian blur with sigma uniform in [0, blur] pixels
     noise: float = 0.0  #: Gaussian noise with std uniform in [0, noise] (0..255 units)
     jpeg: float = 0.0  #: probability of a JPEG round trip at quality 20..90
+    #: probability that an augmented row is also retouched (background, brightness,
+    #: resampling, blur, noise, JPEG); the others are only moved, scaled, turned and flipped,
+    #: so a shape at a new size or angle is also seen on an untouched picture (1: every row)
+    retouch: float = 1.0
     #: probability that a row is augmented at all; the others stay the data set's own images,
     #: so the clean distribution keeps its share of every batch
     prob: float = 1.0
@@ -66,9 +70,10 @@ class AugmentConfig:
         # (red × 0.65 is nearer brown than red): refuse it rather than teach wrong answers
         if self.brightness > 0.2:
             raise ValueError(f"train.augment.brightness: expected <= 0.2, got {self.brightness}")
-        if max(self.resample, self.jpeg, self.vflip, self.prob) > 1:
+        if max(self.resample, self.jpeg, self.vflip, self.prob, self.retouch) > 1:
             raise ValueError(
-                "train.augment.resample, .jpeg, .vflip, .prob are probabilities: expected <= 1"
+                "train.augment.resample, .jpeg, .vflip, .retouch, .prob are probabilities:"
+                " expected <= 1"
             )
 
     @property
@@ -86,7 +91,7 @@ class AugmentConfig:
 
 
 #: AugmentConfig fields that say when, how often and to which rows, not what
-_SCHEDULE = ("prob", "start_epoch", "vflip_all")
+_SCHEDULE = ("prob", "start_epoch", "vflip_all", "retouch")
 
 
 def augment_generator(seed: int, step: int) -> torch.Generator:
@@ -113,6 +118,7 @@ class _Params:
     jpeg_p: torch.Tensor
     jpeg_u: torch.Tensor
     apply_u: torch.Tensor  # row augmented at all when below AugmentConfig.prob
+    retouch_u: torch.Tensor  # augmented row retouched when below AugmentConfig.retouch
 
     def rows(self, sl: slice | torch.Tensor) -> _Params:
         return _Params(**{f.name: getattr(self, f.name)[sl] for f in fields(self)})
@@ -137,7 +143,8 @@ def _draw(n: int, gen: torch.Generator) -> _Params:
         noise_seed=torch.randint(0, 2**62, (n,), generator=gen),
         jpeg_p=u(),
         jpeg_u=u(),
-        apply_u=u(),  # drawn last: the draws above stay those of runs made before it
+        apply_u=u(),  # drawn after the others: theirs stay those of runs made before it
+        retouch_u=u(),  # likewise after apply_u
     )
 
 
@@ -205,6 +212,8 @@ def _augment_rows(images_BCHW: torch.Tensor, cfg: AugmentConfig, p: _Params) -> 
         u[flip] = u[flip].flip(-2)
     if cfg.zoom > 0 or cfg.rotate > 0:
         u = _zoom(u, cfg.zoom, cfg.rotate, p)
+    if cfg.retouch < 1:
+        p = _untouched(p, p.retouch_u >= cfg.retouch)
     if cfg.background > 0:
         shift = p.bg_shift * (cfg.background / 255)
         u.sub_(_background_weight(u) * shift[:, :, None, None])
@@ -220,6 +229,17 @@ def _augment_rows(images_BCHW: torch.Tensor, cfg: AugmentConfig, p: _Params) -> 
     if cfg.jpeg > 0:
         _jpeg_(u, cfg.jpeg, p)
     return u.clamp_(0, 1).mul_(2).sub_(1).to(dev, images_BCHW.dtype)
+
+
+def _untouched(p: _Params, rows: torch.Tensor) -> _Params:
+    """`p` with the retouching draws of `rows` (bool [B]) set to no-ops: no background shift,
+    brightness ×1, no resampling, blur, noise or JPEG."""
+    none = {"bg_shift": 0.0, "bright": 0.5, "resample_p": 2.0, "blur_u": 0.0, "noise_u": 0.0,
+            "jpeg_p": 2.0}  # fmt: skip
+    q = _Params(**{f.name: getattr(p, f.name).clone() for f in fields(p)})
+    for name, value in none.items():
+        getattr(q, name)[rows] = value
+    return q
 
 
 def _background_weight(u: torch.Tensor) -> torch.Tensor:
@@ -300,6 +320,8 @@ def _blur_(u: torch.Tensor, sigma: torch.Tensor) -> None:
     k = torch.exp(-(taps[None] ** 2) / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B·3, 7]
     rows = torch.nonzero(sigma >= 0.3).flatten()  # below 0.3 px the kernel is ~a delta: skip
+    if rows.numel() == 0:  # (a grouped conv over zero channels is an error, not a no-op)
+        return
     k, m = k.view(b, c, -1)[rows].reshape(-1, 2 * r + 1), rows.numel() * c
     x = u[rows].view(1, m, s, s)
     x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(m, 1, -1, 1), groups=m)
