@@ -108,7 +108,9 @@ class VLMoE(nn.Module):
         first, inverse = group_rows(same_image.to(images.device))
         if first.numel() == images.shape[0]:
             return self.vision(images)
-        return self.vision(images[first])[inverse]
+        # index_select, not [inverse]: its backward (index_add) sums a picture's rows in a fixed
+        # order; advanced indexing's (index_put with accumulate) did not, and runs drifted
+        return torch.index_select(self.vision(images[first]), 0, inverse)
 
     def forward(self, batch: Any) -> ModelOutput:
         x_v, x_t, aux, records = self.encode(
