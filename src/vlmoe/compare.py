@@ -76,8 +76,8 @@ def compare_base() -> RunConfig:
         # budget (val loss 0.76, colour 8% / shape 33% accuracy: the image unused), which
         # compares nothing; at 1e-3 the dense model leaves it by step ~300 (probe, seed 0)
         lr=1e-3,
-        # questions drawn one by one, as when the documented comparisons were measured (the
-        # default preset now takes them two per picture)
+        # questions drawn one by one, as when the documented comparisons were measured, even
+        # if the default preset changes that
         questions_per_image=1,
         warmup_steps=30,
         eval_subset=1000,
