@@ -236,10 +236,16 @@ def _untouched(p: _Params, rows: torch.Tensor) -> _Params:
     brightness ×1, no resampling, blur, noise or JPEG."""
     none = {"bg_shift": 0.0, "bright": 0.5, "resample_p": 2.0, "blur_u": 0.0, "noise_u": 0.0,
             "jpeg_p": 2.0}  # fmt: skip
-    q = _Params(**{f.name: getattr(p, f.name).clone() for f in fields(p)})
-    for name, value in none.items():
-        getattr(q, name)[rows] = value
-    return q
+    # copy only the draws that change; the others are shared with `p`
+    return dataclasses.replace(
+        p, **{name: getattr(p, name).masked_fill(_bcast(rows, getattr(p, name)), value)
+              for name, value in none.items()}
+    )  # fmt: skip
+
+
+def _bcast(rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """bool [B] → shaped to broadcast over t [B, ...]."""
+    return rows.view(-1, *([1] * (t.dim() - 1)))
 
 
 def _background_weight(u: torch.Tensor) -> torch.Tensor:
