@@ -248,3 +248,23 @@ def test_config_errors_name_the_field(field, value, message):
 
     with pytest.raises(ConfigError, match=message):
         LIMoEConfig(**{field: value})
+
+
+@pytest.mark.parametrize("family", ["limoe", "moe-llava"])
+@pytest.mark.parametrize(
+    "train, field",
+    [
+        ({"augment": {"zoom": 1.0}}, "train.augment"),
+        ({"questions_per_image": 2}, "train.questions"),
+    ],
+)
+def test_families_without_augmentation_refuse_it_rather_than_ignore_it(family, train, field):
+    from vlmoe.config import ConfigError
+    from vlmoe.families import family_of_preset
+
+    cfg = family_of_preset(family).hooks().PRESETS[family]()
+    d = cfg.to_dict()
+    assert type(cfg).from_dict(d) == cfg  # the preset as it is loads
+    d["train"].update(train)
+    with pytest.raises(ConfigError, match=field):
+        type(cfg).from_dict(d)

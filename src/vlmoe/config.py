@@ -284,6 +284,22 @@ _TRAIN_RANGES = (
 )
 
 
+def reject_vqa_only_training(t: TrainConfig, family: str) -> None:
+    """Raise ConfigError when `t` asks for a training option that only the VL-MoE family
+    implements (image augmentation, several questions per picture): a family without it
+    would otherwise train without it silently."""
+    if t.augment.enabled:
+        raise ConfigError(
+            f"train.augment: the {family} family does not augment images (VL-MoE only):"
+            " expected every augmentation 0, got one switched on"
+        )
+    if t.questions_per_image != 1:
+        raise ConfigError(
+            f"train.questions_per_image: the {family} family takes examples one by one"
+            f" (VL-MoE only): expected 1, got {t.questions_per_image}"
+        )
+
+
 class RunConfigBase:
     """What every family's run config shares (mixed into a dataclass with the fields
     ``model``, ``train: TrainConfig``, ``data: str``, ``preset: str``): the dict round trip

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from vlmoe.config import ConfigError, RunConfigBase, TrainConfig
+from vlmoe.config import ConfigError, RunConfigBase, TrainConfig, reject_vqa_only_training
 from vlmoe.moe import MoEConfig
 
 IMAGE_POOLS = ("mean", "cls")
@@ -123,6 +123,9 @@ class LIMoERunConfig(RunConfigBase):
     pairs: PairDataConfig = field(default_factory=PairDataConfig)
     data: str = "easy-vqa"  #: "easy-vqa" (the built-in pairs of ``pairs``) or a JSONL file
     preset: str = "limoe"  #: the preset this config came from (informational)
+
+    def __post_init__(self) -> None:
+        reject_vqa_only_training(self.train, "contrastive")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LIMoERunConfig:

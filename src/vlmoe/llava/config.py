@@ -13,7 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from vlmoe.config import ConfigError, RunConfigBase, StageConfig, TrainConfig
+from vlmoe.config import (
+    ConfigError,
+    RunConfigBase,
+    StageConfig,
+    TrainConfig,
+    reject_vqa_only_training,
+)
 from vlmoe.validate import check_fields, check_range
 
 LM_SOURCES = ("smollm2", "random")
@@ -100,6 +106,9 @@ class LlavaRunConfig(RunConfigBase):
     train: TrainConfig = field(default_factory=TrainConfig)
     data: str = "easy-vqa"  #: "easy-vqa" or a JSONL file of {"image", "question", "answer"}
     preset: str = "moe-llava"  #: the preset this config came from (informational)
+
+    def __post_init__(self) -> None:
+        reject_vqa_only_training(self.train, "generative")
 
 
 def _stages(align: float, dense: float, moe: float, lrs: tuple[float, float, float]) -> tuple:
