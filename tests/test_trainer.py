@@ -72,6 +72,41 @@ def test_weight_decay_is_chosen_by_what_a_parameter_is():
     assert "blocks.0.ffn_text.ffn.w_in_DH" not in exempt  # dense FFN: same layout as an expert
 
 
+def test_lr_scales_give_the_matching_parameters_their_own_peak_lr():
+    task, batch = _one_batch_task("tiny")
+    model = build_model(task.cfg.model)
+    exempt = no_decay_names(model)
+    plain, _ = build_optimizer(model, exempt, 1e-3, 0.05, (5, 50, 0.1))
+    assert [(len(g["params"]), g["weight_decay"]) for g in plain.param_groups] == [
+        (sum(n not in exempt for n, _ in model.named_parameters()), 0.05),
+        (len(exempt), 0.0),
+    ]  # no scales: the two groups as before
+    opt, sched = build_optimizer(model, exempt, 1e-3, 0.05, (5, 50, 0.1), {"vision.stem.*": 3.0})
+    stem = {id(p) for n, p in model.named_parameters() if n.startswith("vision.stem.")}
+    for _ in range(10):  # past the warm-up: each group follows the schedule from its own peak
+        train_step(model, batch, opt, Engine.from_env("cpu"), 1.0, sched)
+    base = sched.get_last_lr()[0]
+    for g in opt.param_groups:
+        inside = {id(p) in stem for p in g["params"]}
+        assert len(inside) == 1  # a group is all stem or no stem
+        assert g["lr"] == pytest.approx(base * (3.0 if inside == {True} else 1.0))
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "scales, needle",
+    [({"vision.stme.*": 2.0}, "match no trainable parameter"), ({"vision.*": 0}, "factor > 0"),
+     ({"vision.*": "fast"}, "factor > 0"), ([2.0], "expected an object")],
+)  # fmt: skip
+def test_bad_lr_scales_are_config_errors(scales, needle):
+    from vlmoe.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=needle):
+        cfg = TrainConfig(lr_scales=scales)
+        model = build_model(_one_batch_task("tiny")[0].cfg.model)
+        build_optimizer(model, set(), 1e-3, 0.0, (5, 50, 0.1), cfg.lr_scales)
+
+
 def test_stages_freeze_what_they_do_not_train(tmp_path):
     cfg = get_preset("tiny")
     cfg.train.stages = (

@@ -154,6 +154,9 @@ class TrainConfig:
     epochs: float = 10  #: passes over the training split (fractions allowed: 0.5 = half an epoch)
     batch_size: int = 128  #: global batch size (split over processes when distributed)
     lr: float = 1e-3  #: peak learning rate of AdamW (2e-3 stays longer on the language prior)
+    #: lr multipliers by parameter name: {fnmatch pattern: factor}; a parameter takes the
+    #: factor of the first pattern its name matches (e.g. {"vision.stem.*": 3.0}), the others 1
+    lr_scales: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.05  #: AdamW weight decay (not applied to norms, biases, embeddings)
     warmup_steps: int = 100  #: linear warm-up steps, then cosine decay to min_lr_ratio·lr
     min_lr_ratio: float = 0.05  #: final learning rate as a fraction of lr
@@ -202,6 +205,7 @@ class TrainConfig:
             s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages
         )
         check_fields(self, "train", ConfigError)
+        _check_lr_scales(self.lr_scales)
         if self.nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.nonfinite: expected 'stop' or 'skip', got {self.nonfinite!r}")
         if self.epochs <= 0:
@@ -236,6 +240,20 @@ class TrainConfig:
 
 #: `ModelConfig.stem_norm` choices (see `vlmoe.models.vision.ConvStem`)
 STEM_NORMS = ("layer", "channel")
+
+
+def _check_lr_scales(scales: Any) -> None:
+    """ConfigError unless `scales` is {pattern: factor > 0}."""
+    if not isinstance(scales, dict):
+        raise ConfigError(
+            f"train.lr_scales: expected an object {{pattern: factor}}, got {scales!r}"
+        )
+    for pat, f in scales.items():
+        ok = isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f)
+        if not (isinstance(pat, str) and pat and ok and f > 0):
+            raise ConfigError(
+                f"train.lr_scales: expected a pattern and a factor > 0, got {pat!r}: {f!r}"
+            )
 
 
 def stem_convs(patch_size: int, channels: int, full_res: int = 0) -> list[tuple[int, int]]:

@@ -131,7 +131,7 @@ class Trainer:
         self.model = self.engine.parallelize(model.to(self.engine.device))
         schedule = (t.warmup_steps, self.totals[i], t.min_lr_ratio)
         self.opt, self.sched = build_optimizer(
-            self.model, exempt, stage.lr, t.weight_decay, schedule
+            self.model, exempt, stage.lr, t.weight_decay, schedule, t.lr_scales
         )
         if len(self.stages) > 1:
             self.log(f"stage {i + 1}/{len(self.stages)} {stage.name}: {self.totals[i]} steps, "

@@ -50,15 +50,36 @@ def no_decay_names(model: nn.Module) -> set[str]:
     return out
 
 
-def param_groups(model: nn.Module, weight_decay: float, exempt: set[str]) -> list[dict[str, Any]]:
-    """Two AdamW groups over the parameters that require grad: decayed and not (``exempt``)."""
-    decay, keep = [], []
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    exempt: set[str],
+    lr_scales: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """AdamW groups over the parameters that require grad: decayed and not (``exempt``).
+
+    ``lr_scales`` ({fnmatch pattern: factor}, `TrainConfig.lr_scales`): a parameter whose name
+    matches a pattern (the first that does) goes to a group with ``"lr_scale": factor``;
+    without scales the two groups are as before (so are optimizer states saved by then). A
+    pattern that matches no trainable parameter is a ConfigError (a typo would otherwise train
+    everything at one rate silently)."""
+    scales = lr_scales or {}
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {(False, 1.0): [], (True, 1.0): []}
+    used = set()
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (keep if name in exempt else decay).append(p)
+        if not p.requires_grad:
+            continue
+        pat = next((q for q in scales if fnmatch.fnmatchcase(name, q)), None)
+        used.add(pat)
+        key = (name in exempt, float(scales[pat]) if pat is not None else 1.0)
+        groups.setdefault(key, []).append(p)
+    unused = [q for q in scales if q not in used]
+    if unused:
+        raise ConfigError(f"train.lr_scales: {unused} match no trainable parameter")
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": keep, "weight_decay": 0.0},
+        {"params": ps, "weight_decay": 0.0 if keep else weight_decay, "lr_scale": f}
+        for (keep, f), ps in groups.items()
+        if ps or f == 1.0
     ]
 
 
@@ -113,11 +134,15 @@ def build_optimizer(
     lr: float,
     weight_decay: float,
     schedule: tuple[int, int, float],
+    lr_scales: dict[str, float] | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (β = 0.9, 0.98) over the trainable parameters, and its LambdaLR schedule
-    ``schedule = (warm-up steps, total steps, final lr ratio)``; ``exempt``: no_decay_names."""
+    ``schedule = (warm-up steps, total steps, final lr ratio)``; ``exempt``: no_decay_names;
+    ``lr_scales``: per-parameter lr factors (`param_groups`)."""
     warmup, total, min_ratio = schedule
-    groups = param_groups(model, weight_decay, exempt)
+    groups = param_groups(model, weight_decay, exempt, lr_scales)
+    for g in groups:  # the schedule scales each group's own peak lr
+        g["lr"] = lr * g.pop("lr_scale")
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), fused=_can_fuse(groups))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total, min_ratio))
     return opt, sched
