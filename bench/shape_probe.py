@@ -1,6 +1,6 @@
 """Can the default's conv stem tell small shapes apart, and from which training pictures?
 
-    python bench/shape_probe.py [--train shrunk|drawn] [--steps 1000] [--lr 2e-3]
+    python bench/shape_probe.py [--train shrunk|augmented|drawn] [--steps 1000] [--lr 2e-3]
 
 A probe, not the VQA model: the `default` preset's conv stem (per-channel norm, one
 full-resolution layer), its patch tokens max-pooled, an MLP to circle / rectangle / triangle;
@@ -10,6 +10,8 @@ Trained on either
 
 - ``shrunk``: easy-VQA training pictures with every shape shrunk to 0.07–0.12 of the side by
   the training augmentation's zoom (`vlmoe.data.augment`) — what the VQA model can be shown;
+- ``augmented``: easy-VQA training pictures through the `default` preset's augmentation
+  (`DEFAULT_AUGMENT`, from step 0) — what the VQA model is shown;
 - ``drawn``: shapes drawn at that size by the renderer — the test's own generator, which
   training never uses (a ceiling, not a recipe).
 
@@ -27,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vlmoe.config import DEFAULT_AUGMENT
 from vlmoe.data import augment as A
 from vlmoe.data import load_easyvqa
 from vlmoe.data.images import fit_image
@@ -59,7 +62,7 @@ def shrunk(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--train", choices=("shrunk", "drawn"), default="shrunk")
+    ap.add_argument("--train", choices=("shrunk", "augmented", "drawn"), default="shrunk")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
@@ -83,7 +86,13 @@ def main() -> None:
             x, y = drawn(scenes, 1000 + step), torch.tensor([SHAPES.index(s) for _, s in scenes])
         else:
             idx = torch.randint(0, len(labels), (128,), generator=gen)
-            x, y = shrunk(train_split.images[idx], gen), labels[idx]
+            x, y = train_split.images[idx], labels[idx]
+            if args.train == "shrunk":
+                x = shrunk(x, gen)
+            else:
+                x = A.augment_images(
+                    x.float() / 127.5 - 1, DEFAULT_AUGMENT, A.augment_generator(0, step)
+                )
         loss = F.cross_entropy(head(stem(x).amax(1)), y)
         opt.zero_grad()
         loss.backward()
