@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from vlmoe.config import DEFAULT_AUGMENT
 from vlmoe.data import augment as A
 from vlmoe.data import load_easyvqa
-from vlmoe.data.images import fit_image
-from vlmoe.data.render import COLORS, RenderSpec, easyvqa_scenes, render_many
+from vlmoe.data.render import COLORS, RenderSpec, easyvqa_scenes
 from vlmoe.models.vision import ConvStem
+from vlmoe.robustness import draw_images
 
 SHAPES = ["circle", "rectangle", "triangle"]
 SMALL = RenderSpec(shape_size=(0.07, 0.12))
@@ -43,9 +43,7 @@ ZOOM = 10.0  # the zoom range ×1/11–×11: room to bring any easy-VQA shape to
 
 def drawn(scenes: list[tuple[str, str]], seed: int) -> torch.Tensor:
     """[N, 3, 64, 64] in [-1, 1]: the scenes drawn small by the renderer."""
-    pics = render_many(scenes, SMALL, seed)
-    x = torch.stack([torch.from_numpy(fit_image(p, 64)).permute(2, 0, 1) for p in pics])
-    return x.float() / 127.5 - 1
+    return draw_images(scenes, SMALL, seed, 64).float() / 127.5 - 1
 
 
 def shrunk(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -92,16 +92,24 @@ def default_shifts() -> list[Shift]:
     ]
 
 
+def draw_images(
+    scenes: list[tuple[str, str]], spec: RenderSpec, seed: int, size: int
+) -> torch.Tensor:
+    """uint8 [N, 3, size, size]: each (colour, shape) scene drawn by `spec` (`render_many`),
+    then brought to `size` the way a user's file is (`fit_image`: bilinear resize)."""
+    pics = render_many(scenes, spec, seed)
+    images = torch.stack([torch.from_numpy(fit_image(p, size)).permute(2, 0, 1) for p in pics])
+    return images.contiguous()
+
+
 def rerender(
     split: VQASplit, scenes: list[tuple[str, str]], spec: RenderSpec, seed: int
 ) -> VQASplit:
-    """`split` with every image drawn again from its scene by `spec`, then brought to the
-    split's image size the way a user's file is (`fit_image`: bilinear resize)."""
-    size = split.image_size
-    pics = render_many(scenes, spec, seed)
-    images = torch.stack([torch.from_numpy(fit_image(p, size)).permute(2, 0, 1) for p in pics])
+    """`split` with every image drawn again from its scene by `spec` (`draw_images` at the
+    split's image size)."""
+    images = draw_images(scenes, spec, seed, split.image_size)
     # the memo holds token ids and labels only, which re-rendering leaves as they are
-    return dataclasses.replace(split, images=images.contiguous(), _cache=split._cache)
+    return dataclasses.replace(split, images=images, _cache=split._cache)
 
 
 #: (split, the (colour, shape) its images show) → {"accuracy": fraction, "per_kind": {kind:
