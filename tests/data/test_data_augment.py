@@ -244,3 +244,24 @@ def test_training_with_two_questions_per_picture_is_deterministic(tmp_path):
     # runs the default)
     a, b = weights("a"), weights("b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_small_shrinks_that_share_of_rows_and_leaves_the_others(batch):
+    from vlmoe.data.augment import SMALL_SIDE, _background_weight, _shape_box
+
+    base = AugmentConfig(zoom=3.0, rotate=15, vflip=0.5)
+    plain = augment_images(batch, base, augment_generator(3, 2))
+    half = augment_images(
+        batch, AugmentConfig(**{**base.__dict__, "small": 0.5}), augment_generator(3, 2)
+    )
+    same = (half == plain).flatten(1).all(1)
+    assert 16 < int(same.sum()) < 48  # the rows not drawn small are untouched by the option
+    ok, _, _, w, h = _shape_box(_background_weight((half + 1) / 2))
+    side = torch.maximum(w, h) / batch.shape[-1]
+    assert bool(ok.all())  # every shape still found: none shrunk out of existence
+    # shrinking blurs the rim, so a small shape measures up to ~2 pixels under its target
+    lo, hi = SMALL_SIDE[0] - 2 / batch.shape[-1], SMALL_SIDE[1] + 1 / batch.shape[-1]
+    assert bool(((side >= lo) & (side <= hi))[~same].all())
+    assert float(side[same].median()) > 2 * SMALL_SIDE[1]  # the others keep their sizes
+    with pytest.raises(ValueError, match="small"):
+        AugmentConfig(small=1.5)
