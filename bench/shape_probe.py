@@ -1,6 +1,6 @@
 """Can the default's conv stem tell small shapes apart, and from which training pictures?
 
-    python bench/shape_probe.py [--train shrunk|augmented|drawn] [--steps 1000] [--lr 2e-3]
+    python bench/shape_probe.py [--train shrunk|point-sampled|augmented|drawn] [--steps 1000]
 
 A probe, not the VQA model: the `default` preset's conv stem (per-channel norm, one
 full-resolution layer), its patch tokens max-pooled, an MLP to circle / rectangle / triangle;
@@ -8,8 +8,11 @@ AdamW at a fixed lr, batch 128. Tested on easy-VQA's first 1,000 test scenes *dr
 renderer with the shape 0.07–0.12 of the side (the robustness table's "small shapes, moderate").
 Trained on either
 
-- ``shrunk``: easy-VQA training pictures with every shape shrunk to 0.07–0.12 of the side by
-  the training augmentation's zoom (`vlmoe.data.augment`) — what the VQA model can be shown;
+- ``shrunk``: easy-VQA training pictures with every shape shrunk and moved by the training
+  augmentation's `small` option (`vlmoe.data.augment`: 0.06–0.16 of the side, supersampled, so
+  edges come out soft as a drawing program's do) — what the VQA model can be shown;
+- ``point-sampled``: the same pictures shrunk to 0.07–0.12 of the side by the augmentation's
+  `zoom` (one bilinear sample per pixel: jagged edges);
 - ``augmented``: easy-VQA training pictures through the `default` preset's augmentation
   (`DEFAULT_AUGMENT`, from step 0) — what the VQA model is shown;
 - ``drawn``: shapes drawn at that size by the renderer — the test's own generator, which
@@ -46,9 +49,15 @@ def drawn(scenes: list[tuple[str, str]], seed: int) -> torch.Tensor:
     return draw_images(scenes, SMALL, seed, 64).float() / 127.5 - 1
 
 
-def shrunk(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def shrunk(images: torch.Tensor, step: int) -> torch.Tensor:
+    """uint8 pictures [N, 3, 64, 64] → [-1, 1], every shape shrunk by the `small` option."""
+    cfg = A.AugmentConfig(small=1.0, zoom=0.01)  # zoom's draw is replaced in every row
+    return A.augment_images(images.float() / 127.5 - 1, cfg, A.augment_generator(1, step))
+
+
+def point_sampled(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """uint8 pictures [N, 3, 64, 64] → [-1, 1] with each shape's longer side drawn uniform in
-    0.07–0.12 of the side and moved, through the augmentation's own zoom."""
+    0.07–0.12 of the side and moved, through the augmentation's zoom."""
     u = images.float() / 255
     _, _, _, w, h = A._shape_box(A._background_weight(u))
     target = 0.07 + 0.05 * torch.rand(len(u), generator=gen)
@@ -60,7 +69,8 @@ def shrunk(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--train", choices=("shrunk", "augmented", "drawn"), default="shrunk")
+    kinds = ("shrunk", "point-sampled", "augmented", "drawn")
+    ap.add_argument("--train", choices=kinds, default="shrunk")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
@@ -86,7 +96,9 @@ def main() -> None:
             idx = torch.randint(0, len(labels), (128,), generator=gen)
             x, y = train_split.images[idx], labels[idx]
             if args.train == "shrunk":
-                x = shrunk(x, gen)
+                x = shrunk(x, step)
+            elif args.train == "point-sampled":
+                x = point_sampled(x, gen)
             else:
                 x = A.augment_images(
                     x.float() / 127.5 - 1, DEFAULT_AUGMENT, A.augment_generator(0, step)

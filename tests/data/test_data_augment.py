@@ -265,3 +265,32 @@ def test_small_shrinks_that_share_of_rows_and_leaves_the_others(batch):
     assert float(side[same].median()) > 2 * SMALL_SIDE[1]  # the others keep their sizes
     with pytest.raises(ValueError, match="small"):
         AugmentConfig(small=1.5)
+
+
+def _rim_share(u: torch.Tensor, fill: tuple[int, int, int]) -> float:
+    """Share of a shape's pixels [3, S, S] in [0, 1] that are neither background nor fill."""
+    from vlmoe.data.augment import _background_weight
+
+    core = (u - torch.tensor(fill, dtype=torch.float32)[:, None, None] / 255).abs().amax(0) < 0.06
+    shape = _background_weight(u[None])[0, 0] <= 0.99
+    return float((shape & ~core).sum()) / max(1.0, float(shape.sum()))
+
+
+def test_small_shapes_get_soft_edges_as_drawn_ones_do():
+    # a 5-pixel shape point-sampled from a large one has jagged, mostly pure pixels (rim share
+    # ~0.3); drawn at that size with anti-aliasing ~0.6; `small` supersamples to get near it
+    rng, fill = np.random.default_rng(0), COLORS["blue"]
+    from vlmoe.data.render import render
+
+    def as_tensor(pics: list) -> torch.Tensor:
+        return torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1) for p in pics]) / 255
+
+    for shape in SHAPES:
+        big = as_tensor([render("blue", shape, RenderSpec(), rng) for _ in range(16)])
+        small = [render("blue", shape, RenderSpec(shape_size=(0.05, 0.12)), rng) for _ in range(16)]
+        drawn = np.mean([_rim_share(u, fill) for u in as_tensor(small)])
+        out = (
+            augment_images(big * 2 - 1, AugmentConfig(small=1.0), augment_generator(0, 0)) + 1
+        ) / 2
+        shrunk = np.mean([_rim_share(u, fill) for u in out])
+        assert drawn - 0.15 < shrunk < drawn + 0.05, (shape, shrunk, drawn)
