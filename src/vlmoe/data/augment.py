@@ -329,17 +329,48 @@ def _zoom(
     centred = u.sub_(bg[:, :, None, None])  # u is the caller's working copy
     out = F.grid_sample(centred, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if tiny.any():
-        out[tiny] = _supersampled(centred[tiny], theta[tiny])
+        # redo the few pixels around each small shape supersampled (the rest is background)
+        rows = torch.nonzero(tiny).flatten()
+        half = scale[rows] * torch.maximum(rw, rh)[rows] / 2
+        w = min(s, int(2 * half.max().ceil()) + 4)
+        x0 = (ox[rows] - half - 2).floor().clamp(0, s - w).long()
+        y0 = (oy[rows] - half - 2).floor().clamp(0, s - w).long()
+        win = _supersampled(centred[rows], theta[rows], x0, y0, w)
+        for i, r in enumerate(rows.tolist()):
+            out[r, :, y0[i] : y0[i] + w, x0[i] : x0[i] + w] = win[i]
     return out.add_(bg[:, :, None, None])
 
 
-def _supersampled(x: torch.Tensor, theta: torch.Tensor, factor: int = 4) -> torch.Tensor:
-    """grid_sample of x [K, 3, S, S] by theta [K, 2, 3] at `factor`× the side, averaged back
-    down: a shape shrunk to a few pixels gets soft, area-weighted edges, as a drawing program
-    that anti-aliases gives it, rather than the jagged ones point sampling leaves (on which a
+def _supersampled(
+    x: torch.Tensor,
+    theta: torch.Tensor,
+    x0: torch.Tensor,
+    y0: torch.Tensor,
+    w: int,
+    factor: int = 4,
+) -> torch.Tensor:
+    """The w × w output pixels from (x0, y0) [K] of grid_sample(x [K, 3, S, S], theta [K, 2, 3]),
+    sampled at `factor`× the resolution and averaged back down: [K, 3, w, w].
+
+    A shape shrunk to a few pixels so gets soft, area-weighted edges, as a drawing program that
+    anti-aliases gives it, rather than the jagged ones one sample per pixel leaves (on which a
     5-pixel circle and square differ by a pixel or two, unlike drawn ones)."""
-    k, c, s, _ = x.shape
-    grid = F.affine_grid(theta, [k, c, s * factor, s * factor], align_corners=False)
+    s = x.shape[-1]
+    # sub-pixel centres of the window in pixel units (pixel q spans q − ½ … q + ½), then in
+    # grid_sample's [-1, 1] output coordinates (align_corners=False)
+    sub = (torch.arange(w * factor, dtype=torch.float32) + 0.5) / factor - 0.5
+    xs = (2 * (x0[:, None].float() + sub) + 1) / s - 1  # [K, w·f]
+    ys = (2 * (y0[:, None].float() + sub) + 1) / s - 1
+    n = w * factor
+    out_xy1 = torch.stack(
+        [
+            xs[:, None, :].expand(-1, n, -1),
+            ys[:, :, None].expand(-1, -1, n),
+            torch.ones(len(x), n, n),
+        ],
+        -1,
+    )  # [K, n, n, 3]
+    grid = out_xy1 @ theta.transpose(1, 2)[:, None]  # [K, n, n, 2]: where each sub-pixel reads
     big = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return F.avg_pool2d(big, factor)
 
