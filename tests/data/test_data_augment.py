@@ -294,3 +294,20 @@ def test_small_shapes_get_soft_edges_as_drawn_ones_do():
         ) / 2
         shrunk = np.mean([_rim_share(u, fill) for u in out])
         assert drawn - 0.15 < shrunk < drawn + 0.05, (shape, shrunk, drawn)
+
+
+def test_supersampled_window_is_that_crop_of_the_whole_supersampled_image(batch):
+    import torch.nn.functional as F
+
+    from vlmoe.data.augment import _supersampled
+
+    x, s, f = batch[:4], batch.shape[-1], 4
+    g = torch.Generator().manual_seed(0)
+    theta = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]) * 2.5 + 0.3 * torch.randn(4, 2, 3, generator=g)
+    grid = F.affine_grid(theta, [4, 3, s * f, s * f], align_corners=False)
+    whole = F.avg_pool2d(F.grid_sample(x, grid, align_corners=False), f)
+    x0, y0 = torch.tensor([0, 5, 17, 40]), torch.tensor([3, 0, 22, 40])
+    win = _supersampled(x, theta, x0, y0, 24, f)
+    for i in range(4):
+        want = whole[i, :, y0[i] : y0[i] + 24, x0[i] : x0[i] + 24]
+        assert torch.allclose(win[i], want, atol=1e-5)
