@@ -77,8 +77,7 @@ class AugmentConfig:
         if max(self.resample, self.jpeg, self.vflip, self.prob, self.retouch, self.small) > 1:
             raise ValueError(
                 "train.augment.resample, .jpeg, .vflip, .retouch, .small, .prob are"
-                " probabilities:"
-                " expected <= 1"
+                " probabilities: expected <= 1"
             )
 
     @property
@@ -329,16 +328,30 @@ def _zoom(
     centred = u.sub_(bg[:, :, None, None])  # u is the caller's working copy
     out = F.grid_sample(centred, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if tiny.any():
-        # redo the few pixels around each small shape supersampled (the rest is background)
-        rows = torch.nonzero(tiny).flatten()
-        half = scale[rows] * torch.maximum(rw, rh)[rows] / 2
-        w = min(s, int(2 * half.max().ceil()) + 4)
-        x0 = (ox[rows] - half - 2).floor().clamp(0, s - w).long()
-        y0 = (oy[rows] - half - 2).floor().clamp(0, s - w).long()
-        win = _supersampled(centred[rows], theta[rows], x0, y0, w)
-        for i, r in enumerate(rows.tolist()):
-            out[r, :, y0[i] : y0[i] + w, x0[i] : x0[i] + w] = win[i]
+        half = scale * torch.maximum(rw, rh) / 2  # the placed box's half side, pixels
+        _redo_small_(out, centred, theta, torch.nonzero(tiny).flatten(), ox, oy, half)
     return out.add_(bg[:, :, None, None])
+
+
+def _redo_small_(
+    out: torch.Tensor,
+    centred: torch.Tensor,
+    theta: torch.Tensor,
+    rows: torch.Tensor,
+    ox: torch.Tensor,
+    oy: torch.Tensor,
+    half: torch.Tensor,
+) -> None:
+    """In place: `out`'s pixels around each small shape of `rows`, sampled again supersampled
+    (`_supersampled`) — only a window of the box and a 2-pixel margin, as the rest is
+    background. ox, oy, half [B]: where each shape's box is centred and its half side."""
+    s, half = out.shape[-1], half[rows]
+    w = min(s, int(2 * half.max().ceil()) + 4)
+    x0 = (ox[rows] - half - 2).floor().clamp(0, s - w).long()
+    y0 = (oy[rows] - half - 2).floor().clamp(0, s - w).long()
+    win = _supersampled(centred[rows], theta[rows], x0, y0, w)
+    for i, r in enumerate(rows.tolist()):
+        out[r, :, y0[i] : y0[i] + w, x0[i] : x0[i] + w] = win[i]
 
 
 def _supersampled(
