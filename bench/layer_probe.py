@@ -24,11 +24,10 @@ import torch.nn.functional as F
 
 from vlmoe.checkpoint import CheckpointError, load_checkpoint
 from vlmoe.data import load_easyvqa
-from vlmoe.data.render import RenderSpec, easyvqa_scenes
+from vlmoe.data.render import SHAPES, RenderSpec, easyvqa_scenes
 from vlmoe.models.vlmo import VLMoE
 from vlmoe.robustness import draw_images
 
-SHAPES = ["circle", "rectangle", "triangle"]
 QUESTION = "what shape is in the image?"
 
 
@@ -42,20 +41,27 @@ def drawn(
 
 
 @torch.no_grad()
-def layer_features(model: torch.nn.Module, tokenizer, images: torch.Tensor) -> dict:
-    """{layer name: features [N, F]}: pooled vision tokens per layer, the answer's text token."""
+def layer_features(model: VLMoE, tokenizer, images: torch.Tensor) -> dict:
+    """{layer name: features [N, F]}: pooled vision tokens per layer, the answer's text token.
+
+    The model's own `encode` runs; hooks keep the stem's and each block's vision tokens."""
     ids, mask = tokenizer.encode_batch([QUESTION] * len(images), model.cfg.max_text_len)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, first: bool):  # a block returns (vision, text, aux, records)
+        return lambda _m, _inp, out: seen.__setitem__(name, out[0] if first else out)
+
+    hooks = [model.vision.register_forward_hook(keep("stem", False))]
+    hooks += [b.register_forward_hook(keep(f"block {j}", True)) for j, b in enumerate(model.blocks)]
     out: dict[str, list[torch.Tensor]] = {}
-    for i in range(0, len(images), 250):
-        x_v = model.vision(images[i : i + 250])
-        layers = {"stem": x_v}
-        x_v, x_t = x_v + model.type_vision_D, model.text(ids[i : i + 250]) + model.type_text_D
-        for j, blk in enumerate(model.blocks):
-            x_v, x_t, _, _ = blk(x_v, x_t, mask[i : i + 250].bool())
-            layers[f"block {j}"] = x_v
-        layers["answer token"] = model.norm(x_t)[:, :1]
-        for name, t in layers.items():
-            out.setdefault(name, []).append(torch.cat([t.amax(1), t.mean(1)], 1))
+    try:
+        for i in range(0, len(images), 250):
+            _, x_t, _, _ = model.encode(images[i : i + 250], ids[i : i + 250], mask[i : i + 250])
+            for name, t in [*seen.items(), ("answer token", x_t[:, :1])]:
+                out.setdefault(name, []).append(torch.cat([t.amax(1), t.mean(1)], 1))
+    finally:
+        for h in hooks:
+            h.remove()
     return {name: torch.cat(v) for name, v in out.items()}
 
 

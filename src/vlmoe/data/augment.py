@@ -368,22 +368,15 @@ def _supersampled(
     A shape shrunk to a few pixels so gets soft, area-weighted edges, as a drawing program that
     anti-aliases gives it, rather than the jagged ones one sample per pixel leaves (on which a
     5-pixel circle and square differ by a pixel or two, unlike drawn ones)."""
-    s = x.shape[-1]
-    # sub-pixel centres of the window in pixel units (pixel q spans q − ½ … q + ½), then in
-    # grid_sample's [-1, 1] output coordinates (align_corners=False)
-    sub = (torch.arange(w * factor, dtype=torch.float32) + 0.5) / factor - 0.5
-    xs = (2 * (x0[:, None].float() + sub) + 1) / s - 1  # [K, w·f]
-    ys = (2 * (y0[:, None].float() + sub) + 1) / s - 1
-    n = w * factor
-    out_xy1 = torch.stack(
-        [
-            xs[:, None, :].expand(-1, n, -1),
-            ys[:, :, None].expand(-1, -1, n),
-            torch.ones(len(x), n, n),
-        ],
-        -1,
-    )  # [K, n, n, 3]
-    grid = out_xy1 @ theta.transpose(1, 2)[:, None]  # [K, n, n, 2]: where each sub-pixel reads
+    k, s = len(x), x.shape[-1]
+    # the window's [-1, 1] coordinates map into the whole output's by a scale w / S and a
+    # shift to its centre; composed with theta, affine_grid lays the sub-pixels out
+    a = w / s
+    centre = torch.stack([(2 * x0 + w) / s - 1, (2 * y0 + w) / s - 1], 1).float()  # [K, 2]
+    m = theta[:, :, :2]
+    t = (m @ centre[:, :, None])[:, :, 0] + theta[:, :, 2]
+    theta_win = torch.cat([m * a, t[:, :, None]], 2)
+    grid = F.affine_grid(theta_win, [k, x.shape[1], w * factor, w * factor], align_corners=False)
     big = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return F.avg_pool2d(big, factor)
 
