@@ -113,6 +113,8 @@ def test_the_default_presets_augmentation_only_on_easy_vqa(tmp_path, capsys):
 
     assert augment().enabled and augment().start_epoch == 2  # the main job augments
     assert not augment("--no-augment").enabled
+    extra = _train_config(build_parser().parse_args(["train", "--no-augment"])).train.scene_extra
+    assert extra == 0 < _train_config(build_parser().parse_args(["train"])).train.scene_extra
     # a user's pictures need not be one shape on a light background: off, and said so
     paths = list(get_test_image_paths().values())[:20]
     f = tmp_path / "mine.jsonl"
@@ -125,7 +127,8 @@ def test_the_default_presets_augmentation_only_on_easy_vqa(tmp_path, capsys):
     argv = ["--data", str(f), "--batch-size", "8", "--stop-after", "1", "--no-progress"]
     rc, _, err = run_cli(capsys, "train", *argv, "--out", str(tmp_path / "ck"))
     assert rc == 0, err
-    assert "augmentation is off for --data" in err
+    assert "augmentation and scene head are off for --data" in err
     saved = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert saved["run"]["train"]["augment"]["prob"] == 1.0  # AugmentConfig(): nothing on
+    assert saved["run"]["model"]["scene_loss"] == 0 and saved["run"]["train"]["scene_extra"] == 0
     assert not load_checkpoint(tmp_path / "ck").config.train.augment.enabled

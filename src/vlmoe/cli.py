@@ -7,6 +7,7 @@ print one line `vlmoe: error: ...` on stderr and return a non-zero code, never a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import re
@@ -129,18 +130,25 @@ def _train_config(args: argparse.Namespace) -> RunConfig:
 def _augment_switch(cfg: RunConfig, args: argparse.Namespace) -> None:
     """--no-augment, and no preset augmentation on a user's --data: the presets' is made for
     easy-VQA's pictures (one shape on a light background, answers that survive an upside-down
-    flip), where it keeps every answer true; on other pictures it could change one."""
+    flip), where it keeps every answer true; on other pictures it could change one. The scene
+    head (`model.scene_loss`) learns easy-VQA's colours and shapes, which other data do not
+    name: off for --data too; its extra pictures are augmented ones: off with --no-augment."""
     from vlmoe.data.augment import AugmentConfig
 
-    if not cfg.train.augment.enabled:
+    scene = getattr(cfg.model, "scene_loss", 0.0) > 0
+    if args.no_augment or cfg.data != "easy-vqa":
+        cfg.train.scene_extra = 0
+    if scene and cfg.data != "easy-vqa":
+        cfg.model = dataclasses.replace(cfg.model, scene_loss=0.0)
+    if not cfg.train.augment.enabled and not scene:
         return
     if args.no_augment:
         cfg.train.augment = AugmentConfig()
     elif cfg.data != "easy-vqa":
         cfg.train.augment = AugmentConfig()
         print(
-            f"vlmoe train: the {args.preset} preset's augmentation is off for --data "
-            "(it is made for easy-VQA's pictures: one shape on a light background)",
+            f"vlmoe train: the {args.preset} preset's augmentation and scene head are off for"
+            " --data (they are made for easy-VQA's pictures: one shape on a light background)",
             file=sys.stderr,
         )
 

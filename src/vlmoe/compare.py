@@ -64,6 +64,7 @@ def compare_base() -> RunConfig:
         # dense-vs-MoE question is orthogonal to
         stem_norm="layer",
         stem_full_res=0,
+        scene_loss=0.0,  # nor had it the default's auxiliary scene head
         d_model=D,
         n_heads=4,
         d_ff=4 * D,
@@ -79,6 +80,7 @@ def compare_base() -> RunConfig:
         # questions drawn one by one, as when the documented comparisons were measured, even
         # if the default preset changes that
         questions_per_image=1,
+        scene_extra=0,
         warmup_steps=30,
         eval_subset=1000,
         eval_every=40,

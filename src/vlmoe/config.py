@@ -60,6 +60,14 @@ class ModelConfig:
     moe_text: bool = True  #: MoE in the text FFN of the moe_layers
     vl_layers: int = 0  #: top blocks with one shared vision-language FFN (dense)
     dropout: float = 0.0  #: dropout on attention output and FFN output
+    #: weight of an auxiliary loss in training: a small head classifies what each picture
+    #: shows (easy-VQA: its colour and its shape) from the stem's max-pooled patch tokens, so
+    #: the stem learns to tell small shapes apart, which the answers alone do not teach it
+    #: (README, Robustness, item 8). 0: no head (checkpoints from before this field)
+    scene_loss: float = 0.0
+    #: the scene head's label groups, classes in each (easy-VQA: 8 colours, 3 shapes); filled
+    #: in from the data when `scene_loss` > 0
+    scene_classes: tuple[int, ...] = ()
     #: the MoE layer settings; d_model and d_ff here are filled in by the model
     moe: MoEConfig = field(
         default_factory=lambda: MoEConfig(d_model=128, d_ff=128, num_experts=8, top_k=2)
@@ -74,6 +82,12 @@ class ModelConfig:
         check_fields(self, "model", ConfigError)
         check_fields(self.moe, "model.moe", ConfigError)
         self.moe_layers = tuple(self.moe_layers)
+        self.scene_classes = tuple(self.scene_classes)
+        if any(c < 2 or c > 65536 for c in self.scene_classes) or len(self.scene_classes) > 16:
+            raise ConfigError(
+                "model.scene_classes: expected up to 16 groups of 2..65536 classes,"
+                f" got {list(self.scene_classes)}"
+            )
         # Caps keep a hand-edited config.json from asking for absurd memory: every image is
         # held in memory at image_size² × 3 bytes, and the stem doubles width per octave.
         for name, lo, hi in _MODEL_RANGES:
@@ -194,6 +208,10 @@ class TrainConfig:
     #: answer-preserving image augmentations (background shade, zoom, rotation, resampling,
     #: blur, noise, JPEG; never hue) — see `vlmoe.data.augment`; all off by default
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    #: extra pictures per step (global) seen only by the stem and the scene head
+    #: (`model.scene_loss`): training pictures with the shape shrunk to 3–9 pixels
+    #: (`vlmoe.train.task.SCENE_EXTRA_AUGMENT`), a size easy-VQA rarely draws
+    scene_extra: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):  # from config.json
@@ -280,6 +298,7 @@ _MODEL_RANGES = (
     ("d_ff", 1, None),
     ("vl_layers", 0, None),
     ("dropout", 0.0, 0.99),
+    ("scene_loss", 0.0, 100.0),
 )
 _TRAIN_RANGES = (
     ("batch_size", 1, None),
@@ -299,6 +318,7 @@ _TRAIN_RANGES = (
     ("eval_batch_size", 1, None),
     ("save_minutes", 0.0, None),
     ("max_skipped", 0, None),
+    ("scene_extra", 0, 65536),
 )
 
 
@@ -315,6 +335,11 @@ def reject_vqa_only_training(t: TrainConfig, family: str) -> None:
         raise ConfigError(
             f"train.questions_per_image: the {family} family takes examples one by one"
             f" (VL-MoE only): expected 1, got {t.questions_per_image}"
+        )
+    if t.scene_extra:
+        raise ConfigError(
+            f"train.scene_extra: the {family} family has no scene head (VL-MoE only):"
+            f" expected 0, got {t.scene_extra}"
         )
 
 
@@ -426,11 +451,13 @@ def default() -> RunConfig:
     active. 6 epochs of batch 128 (1,626 steps). From epoch 2 — once shapes are learned on
     clean pictures — half of each batch is augmented in ways that keep every answer true and
     any row may be turned upside down (`DEFAULT_AUGMENT`), which is what makes the model hold
-    on pictures drawn otherwise (README, Robustness).
+    on pictures drawn otherwise (README, Robustness). In training only, a scene head learns
+    each picture's colour and shape from the stem's tokens, on the batch's pictures and on 48
+    more per step shrunk to 3–9 pixels: what teaches the stem small shapes (item 8 there).
     """
-    # the dataclass defaults are this preset but for stem_norm and stem_full_res (whose
-    # defaults keep old checkpoints loading as they were trained), epochs and augment; spelled out here so the
-    # preset reads whole
+    # the dataclass defaults are this preset but for stem_norm, stem_full_res and scene_loss
+    # (whose defaults keep old checkpoints loading as they were trained), epochs, augment and
+    # scene_extra; spelled out here so the preset reads whole
     return RunConfig(
         model=ModelConfig(
             patch_size=16,
@@ -439,8 +466,11 @@ def default() -> RunConfig:
             stem_full_res=8,
             d_ff=256,
             moe=MoEConfig(d_model=128, d_ff=128, num_experts=8, top_k=2),
+            scene_loss=1.0,
         ),
-        train=TrainConfig(epochs=6, lr=1e-3, augment=dataclasses.replace(DEFAULT_AUGMENT)),
+        train=TrainConfig(
+            epochs=6, lr=1e-3, augment=dataclasses.replace(DEFAULT_AUGMENT), scene_extra=48
+        ),
         preset="default",
     )
 

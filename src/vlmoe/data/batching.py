@@ -31,7 +31,12 @@ class Batch:
     rows in rank order) that shows the same picture. Rows with equal first_row show identical
     images, so the model runs its vision stem once per picture; training draws a row's random
     flips and augmentations from its first_row, which keeps that true (and the same at any
-    process count). None: no row is known to repeat another's image."""
+    process count). None: no row is known to repeat another's image.
+
+    scenes long [B, G] or None: what each row's picture shows (easy-VQA: colour, shape index),
+    the scene head's labels in training (`ModelConfig.scene_loss`). extra_images float
+    [E, 3, S, S] and extra_scenes long [E, G], or None: pictures only the stem and the scene
+    head see (`TrainConfig.scene_extra`)."""
 
     images: torch.Tensor
     input_ids: torch.Tensor
@@ -39,6 +44,9 @@ class Batch:
     labels: torch.Tensor | None  # None when answering (no targets)
     question_index: torch.Tensor
     first_row: torch.Tensor | None = None
+    scenes: torch.Tensor | None = None
+    extra_images: torch.Tensor | None = None
+    extra_scenes: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.question_index.shape[0])

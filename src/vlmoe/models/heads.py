@@ -1,8 +1,10 @@
-"""Answer head: classify the fused representation into one of the known answers."""
+"""Answer head: classify the fused representation into one of the known answers; and the
+auxiliary scene head that trains the stem on what each picture shows."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -26,3 +28,34 @@ class AnswerHead(nn.Module):
 
     def forward(self, cls_BD: torch.Tensor, vision_BD: torch.Tensor) -> torch.Tensor:
         return self.mlp(torch.cat([cls_BD, vision_BD, cls_BD * vision_BD], dim=-1))
+
+
+class SceneHead(nn.Module):
+    """An auxiliary training head: patch tokens [B, P, D] → logits [B, sum(classes)], one
+    softmax per label group (easy-VQA: 8 colours, 3 shapes).
+
+    The tokens are max-pooled over the patches, not averaged: a shape a few pixels wide lights
+    one or two of 16 patches, and a mean would bury it under background. Max pool and MLP are
+    `bench/shape_probe.py`'s head, the one that taught a stem small shapes there.
+    """
+
+    def __init__(self, d_model: int, classes: tuple[int, ...]) -> None:
+        super().__init__()
+        self.classes = tuple(classes)
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(d_model),
+            nn.Linear(d_model, d_model),
+            nn.GELU(),
+            nn.Linear(d_model, sum(self.classes)),
+        )
+
+    def forward(self, tokens_BPD: torch.Tensor) -> torch.Tensor:
+        return self.mlp(tokens_BPD.amax(dim=1))
+
+    def loss(self, tokens_BPD: torch.Tensor, labels_BG: torch.Tensor) -> torch.Tensor:
+        """Sum over the label groups of the mean cross-entropy; labels long [B, G]."""
+        logits = self(tokens_BPD).split(self.classes, dim=-1)
+        return sum(
+            (F.cross_entropy(z, labels_BG[:, g]) for g, z in enumerate(logits)),
+            tokens_BPD.new_zeros(()),
+        )

@@ -18,7 +18,7 @@ from torch import nn
 from vlmoe.config import ModelConfig
 from vlmoe.data.batching import group_rows
 from vlmoe.models.blocks import MultiwayBlock
-from vlmoe.models.heads import AnswerHead
+from vlmoe.models.heads import AnswerHead, SceneHead
 from vlmoe.models.output import ModelOutput, RoutingRecord, init_linear
 from vlmoe.models.text import TextEmbedding
 from vlmoe.models.vision import ConvStem
@@ -32,7 +32,8 @@ class VLMoE(nn.Module):
 
     forward(batch) → ModelOutput, where batch has images [B,3,S,S] float, input_ids [B,L]
     long, attention_mask [B,L] bool and labels [B] long or None (-100 = ignore): logits [B, A];
-    loss / task_loss (cross-entropy over known labels; None without labels or with none known);
+    loss / task_loss (cross-entropy over known labels; None without labels or with none known;
+    loss adds the MoE aux loss and, with a scene head and `batch.scenes`, `scene_loss`);
     metrics {"correct", "count"} over the known labels.
     """
 
@@ -75,6 +76,10 @@ class VLMoE(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(D)
         self.head = AnswerHead(D, cfg.num_answers)
+        # training only: answers never read it (ModelConfig.scene_loss)
+        self.scene_head = (
+            SceneHead(D, cfg.scene_classes) if cfg.scene_loss > 0 and cfg.scene_classes else None
+        )
         self.apply(init_linear)
 
     def encode(
@@ -89,9 +94,17 @@ class VLMoE(nn.Module):
         `same_image` (long [B], e.g. `Batch.first_row`): rows with equal values have identical
         images, so the conv stem runs once per distinct image and its tokens are shared (its
         gradient summed). The stem treats each image on its own, so the result is the same."""
+        return self.encode_patches(
+            self._patch_tokens(images, same_image), input_ids, attention_mask
+        )
+
+    def encode_patches(
+        self, patches: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[RoutingRecord]]:
+        """`encode` from the stem's patch tokens [B, P, D] on."""
         L = min(input_ids.shape[1], self.cfg.max_text_len)
         input_ids, attention_mask = input_ids[:, :L], attention_mask[:, :L].bool()
-        x_v = self._patch_tokens(images, same_image) + self.type_vision_D
+        x_v = patches + self.type_vision_D
         x_t = self.text(input_ids) + self.type_text_D
         aux = x_v.new_zeros(())
         records: list[RoutingRecord] = []
@@ -113,9 +126,8 @@ class VLMoE(nn.Module):
         return torch.index_select(self.vision(images[first]), 0, inverse)
 
     def forward(self, batch: Any) -> ModelOutput:
-        x_v, x_t, aux, records = self.encode(
-            batch.images, batch.input_ids, batch.attention_mask, getattr(batch, "first_row", None)
-        )
+        patches = self._patch_tokens(batch.images, getattr(batch, "first_row", None))
+        x_v, x_t, aux, records = self.encode_patches(patches, batch.input_ids, batch.attention_mask)
         logits = self.head(x_t[:, 0], x_v.mean(dim=1))
         out = ModelOutput(loss=None, task_loss=None, aux_loss=aux, logits=logits, routing=records)
         labels = getattr(batch, "labels", None)
@@ -127,8 +139,21 @@ class VLMoE(nn.Module):
             }
             if bool(known.any()):
                 out.task_loss = F.cross_entropy(logits, labels, ignore_index=-100)
-                out.loss = out.task_loss + aux
+                out.loss = out.task_loss + aux + self.scene_loss(patches, batch)
         return out
+
+    def scene_loss(self, patches: torch.Tensor, batch: Any) -> torch.Tensor:
+        """`cfg.scene_loss` × the scene head's loss on the batch's rows (`batch.scenes`, long
+        [B, G]) plus that on its extra pictures (`extra_images` [E, 3, S, S], `extra_scenes`
+        [E, G]), which only the stem and the head see; 0 without a head or without labels."""
+        scenes = getattr(batch, "scenes", None)
+        if self.scene_head is None or scenes is None:
+            return patches.new_zeros(())
+        loss = self.scene_head.loss(patches, scenes)
+        extra = getattr(batch, "extra_images", None)
+        if extra is not None and extra.shape[0]:
+            loss = loss + self.scene_head.loss(self.vision(extra), batch.extra_scenes)
+        return self.cfg.scene_loss * loss
 
     def param_counts(self) -> tuple[int, int]:
         """(total parameters, parameters active per token-forward).
