@@ -127,7 +127,8 @@ def layer(out_dir: str) -> None:
 
 
 def tiny_config(steps: int):
-    """The ``tiny`` preset cut to ``steps`` optimiser steps, a metric line every step."""
+    """The ``tiny`` preset cut to ``steps`` optimiser steps, a metric line every step, with
+    the default's scene head and extra pictures (so 2 processes must draw them as 1 does)."""
     import dataclasses
 
     from vlmoe.config import get_preset
@@ -138,7 +139,9 @@ def tiny_config(steps: int):
     cfg.train = dataclasses.replace(
         t, epochs=steps / per_epoch, log_every=1, routing_every=1, eval_subset=64,
         eval_batch_size=48,  # 64 = 48 + 16: a short last batch in evaluation
+        scene_extra=8,
     )  # fmt: skip
+    cfg.model = dataclasses.replace(cfg.model, scene_loss=1.0)
     return cfg
 
 

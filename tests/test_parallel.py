@@ -152,6 +152,7 @@ def test_two_process_training_equals_one_process(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
 
     a, b = _metrics(one / "ck", "train"), _metrics(two / "ck", "train")
+    assert load_checkpoint(two / "ck").model.scene_head is not None  # its path was exercised
     assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, steps + 1))
     for x, y in zip(a, b, strict=True):
         assert abs(x["loss"] - y["loss"]) <= 1e-4, (x, y)

@@ -209,8 +209,8 @@ class TrainConfig:
     #: blur, noise, JPEG; never hue) — see `vlmoe.data.augment`; all off by default
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     #: extra pictures per step (global) seen only by the stem and the scene head
-    #: (`model.scene_loss`): training pictures with the shape shrunk to 3–9 pixels
-    #: (`vlmoe.train.task.SCENE_EXTRA_AUGMENT`), a size easy-VQA rarely draws
+    #: (`model.scene_loss`): training pictures with the shape shrunk to 3–9 pixels, a size
+    #: easy-VQA rarely draws, and augmented (`vlmoe.train.task.SCENE_EXTRA_AUGMENT`)
     scene_extra: int = 0
 
     def __post_init__(self) -> None:
@@ -452,7 +452,7 @@ def default() -> RunConfig:
     clean pictures — half of each batch is augmented in ways that keep every answer true and
     any row may be turned upside down (`DEFAULT_AUGMENT`), which is what makes the model hold
     on pictures drawn otherwise (README, Robustness). In training only, a scene head learns
-    each picture's colour and shape from the stem's tokens, on the batch's pictures and on 48
+    each picture's colour and shape from the stem's tokens, on the batch's pictures and on 32
     more per step shrunk to 3–9 pixels: what teaches the stem small shapes (item 8 there).
     """
     # the dataclass defaults are this preset but for stem_norm, stem_full_res and scene_loss
@@ -469,7 +469,7 @@ def default() -> RunConfig:
             scene_loss=1.0,
         ),
         train=TrainConfig(
-            epochs=6, lr=1e-3, augment=dataclasses.replace(DEFAULT_AUGMENT), scene_extra=48
+            epochs=6, lr=1e-3, augment=dataclasses.replace(DEFAULT_AUGMENT), scene_extra=32
         ),
         preset="default",
     )
