@@ -122,3 +122,12 @@ def test_options_the_scene_head_cannot_honour_are_refused(model_kw, train_kw, da
         from vlmoe.train.task import complete_config
 
         complete_config(dataclasses.replace(cfg, data=data), _task(0.0, 0).tokenizer, ["a"])
+
+
+def test_the_scene_head_counts_in_the_total_but_not_as_active():
+    torch.manual_seed(0)
+    with_head = build_model(_task().cfg.model)
+    without = build_model(_task(0.0, 0).cfg.model)
+    head = sum(p.numel() for p in with_head.scene_head.parameters())
+    assert head > 0 and without.scene_head is None
+    assert with_head.param_counts() == (without.param_counts()[0] + head, without.param_counts()[1])

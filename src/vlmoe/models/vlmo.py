@@ -161,9 +161,13 @@ class VLMoE(nn.Module):
         Active counts each MoE FFN as its `param_counts()` active share (router + shared +
         top-k experts); everything else is active. MoE FFNs report their own whole-layer
         counts, so under expert parallelism (each rank holds a slice of the experts) this still
-        counts the full model.
+        counts the full model. The scene head (training only: answers never run it) counts in
+        the total, not in the active share.
         """
-        return model_param_counts(self)
+        total, active = model_param_counts(self)
+        if self.scene_head is not None:
+            active -= sum(p.numel() for p in self.scene_head.parameters())
+        return total, active
 
 
 def build_model(cfg: ModelConfig) -> VLMoE:
