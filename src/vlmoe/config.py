@@ -210,7 +210,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     #: extra pictures per step (global) seen only by the stem and the scene head
     #: (`model.scene_loss`): training pictures with the shape shrunk to 3–9 pixels, a size
-    #: easy-VQA rarely draws, and augmented (`vlmoe.train.task.SCENE_EXTRA_AUGMENT`)
+    #: easy-VQA rarely draws (`vlmoe.train.task.SCENE_EXTRA_AUGMENT`)
     scene_extra: int = 0
 
     def __post_init__(self) -> None:
@@ -452,7 +452,7 @@ def default() -> RunConfig:
     clean pictures — half of each batch is augmented in ways that keep every answer true and
     any row may be turned upside down (`DEFAULT_AUGMENT`), which is what makes the model hold
     on pictures drawn otherwise (README, Robustness). In training only, a scene head learns
-    each picture's colour and shape from the stem's tokens, on the batch's pictures and on 32
+    each picture's colour and shape from the stem's tokens, on the batch's pictures and on 24
     more per step shrunk to 3–9 pixels: what teaches the stem small shapes (item 8 there).
     """
     # the dataclass defaults are this preset but for stem_norm, stem_full_res and scene_loss
@@ -469,7 +469,7 @@ def default() -> RunConfig:
             scene_loss=1.0,
         ),
         train=TrainConfig(
-            epochs=6, lr=1e-3, augment=dataclasses.replace(DEFAULT_AUGMENT), scene_extra=32
+            epochs=6, lr=1e-3, augment=dataclasses.replace(DEFAULT_AUGMENT), scene_extra=24
         ),
         preset="default",
     )
