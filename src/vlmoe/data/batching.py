@@ -216,6 +216,12 @@ def _batches(
         yield batch
 
 
+def model_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 pictures [..., 3, S, S] → float32 in [-1, 1], the range `Batch.images` holds:
+    (x/255 − 0.5)/0.5 == x/127.5 − 1, in place on the fresh float copy."""
+    return images_uint8.float().div_(127.5).sub_(1.0)
+
+
 def _make_batch(
     split: VQASplit,
     ids_QL: torch.Tensor,
@@ -225,9 +231,7 @@ def _make_batch(
 ) -> Batch:
     lengths_B = lengths_Q[idx_B]
     length = int(lengths_B.max()) if len(idx_B) else 0
-    images_B3SS = split.images[split.image_index[idx_B]].float()
-    # (x/255 - 0.5)/0.5 == x/127.5 - 1, done in place on the fresh float copy.
-    images_B3SS.div_(127.5).sub_(1.0)
+    images_B3SS = model_pixels(split.images[split.image_index[idx_B]])
     return Batch(
         images=images_B3SS,
         input_ids=ids_QL[idx_B, :length],

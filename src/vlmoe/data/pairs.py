@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from vlmoe.data.batching import model_pixels
 from vlmoe.data.dataset import VQASplit
 from vlmoe.data.easyvqa import load_easyvqa
 from vlmoe.data.errors import DataError
@@ -401,7 +402,7 @@ def make_pair_batch(
     """The batch of rows ``idx_B``: images normalised, text trimmed to its longest row."""
     lengths_B = lengths_N[idx_B]
     length = int(lengths_B.max()) if len(idx_B) else 0
-    images = pairs.images[idx_B].float().div_(127.5).sub_(1.0)
+    images = model_pixels(pairs.images[idx_B])
     return PairBatch(
         images, ids_NL[idx_B, :length], torch.arange(length) < lengths_B[:, None], idx_B.clone()
     )

@@ -22,6 +22,7 @@ from PIL import Image
 
 from vlmoe.checkpoint import Checkpoint, load_checkpoint
 from vlmoe.data import Batch, WordTokenizer
+from vlmoe.data.batching import model_pixels
 from vlmoe.models.output import RoutingRecord
 
 #: questions longer than this are refused (the model reads at most max_text_len words anyway)
@@ -89,7 +90,7 @@ def make_batch(images_CHW: list[torch.Tensor], questions: list[str], ck: Checkpo
     """uint8 images [3, S, S] and their questions → one Batch on the model's device (text
     padded to the longest question)."""
     ids_BL, mask_BL = ck.tokenizer.encode_batch(questions, max_len=ck.config.model.max_text_len)
-    images = torch.stack(images_CHW).float().div_(127.5).sub_(1.0)  # as in training: [-1, 1]
+    images = model_pixels(torch.stack(images_CHW))  # as in training: [-1, 1]
     B = len(questions)
     batch = Batch(images, ids_BL, mask_BL, torch.full((B,), -100), torch.arange(B))
     return batch.to(next(ck.model.parameters()).device)

@@ -18,6 +18,7 @@ from torch import nn
 from vlmoe.config import ConfigError, RunConfig, StageConfig
 from vlmoe.data import Batch, VQASplit, WordTokenizer, iterate_batches, load_data, num_batches
 from vlmoe.data.augment import AugmentConfig, augment_generator, augment_images
+from vlmoe.data.batching import model_pixels
 from vlmoe.data.render import COLORS, SHAPES, easyvqa_scenes
 from vlmoe.evaluate import EvalResult, evaluate
 from vlmoe.models import build_model
@@ -154,7 +155,7 @@ class VQATask:
         g = torch.Generator().manual_seed(t.seed * 1_000_003 + step + 0xE7A)
         pick = torch.randint(0, images.shape[0], (per_rank * world,), generator=g)
         mine = pick[rank * per_rank : (rank + 1) * per_rank]
-        x = images[mine].float().div_(127.5).sub_(1.0)
+        x = model_pixels(images[mine])
         gen = augment_generator(t.seed + 0xE7A, step)
         return augment_images(x, SCENE_EXTRA_AUGMENT, gen, world, rank), self.scenes[mine]
 
