@@ -311,3 +311,28 @@ def test_supersampled_window_is_that_crop_of_the_whole_supersampled_image(batch)
     for i in range(4):
         want = whole[i, :, y0[i] : y0[i] + 24, x0[i] : x0[i] + 24]
         assert torch.allclose(win[i], want, atol=1e-5)
+
+
+def test_hard_edges_leave_two_colours_the_shapes_own_and_its_area():
+    from vlmoe.data.render import render
+
+    rng = np.random.default_rng(0)
+    scenes = [(c, s) for c in COLORS for s in SHAPES]
+    pics = [render(c, s, RenderSpec(shape_size=(0.2, 0.5)), rng) for c, s in scenes]
+    x = torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1) for p in pics]) / 127.5 - 1
+    out = augment_images(x, AugmentConfig(hard=0.5), augment_generator(0, 0))
+    same = (out == x).flatten(1).all(1)
+    assert 4 <= int(same.sum()) <= 20  # about half the rows drawn hard, the others untouched
+    for i in torch.nonzero(~same).flatten().tolist():
+        u, fill = (out[i] + 1) / 2, torch.tensor(COLORS[scenes[i][0]]) / 255
+        bg = ((x[i] + 1) / 2)[:, 0, 0]  # easy-VQA-like backgrounds are one flat colour
+        is_fill = (u - fill[:, None, None]).abs().amax(0) < 1.5 / 255
+        is_bg = (u - bg[:, None, None]).abs().amax(0) < 1.5 / 255
+        assert bool((is_fill | is_bg).all()), scenes[i]  # no rim: the two colours only
+        # about as many shape pixels as the soft picture's coverage adds up to (measured
+        # 86–106 %: each rim pixel rounds one way; the area is kept, not the rim dropped)
+        d = fill - bg
+        cover = (((x[i] + 1) / 2 - bg[:, None, None]) * d[:, None, None]).sum(0) / d.pow(2).sum()
+        assert 0.82 < float(is_fill.sum()) / float(cover.sum()) < 1.1, scenes[i]
+    with pytest.raises(ValueError, match="hard"):
+        AugmentConfig(hard=2.0)

@@ -60,6 +60,10 @@ class AugmentConfig:
     #: side log-uniform in `SMALL_SIDE` of the image side, instead of by `zoom` (easy-VQA draws
     #: few shapes under an eighth of the side, and `zoom` rarely makes one)
     small: float = 0.0
+    #: probability that an augmented row's shape is redrawn with hard edges: every pixel
+    #: takes the shape's colour or the background's, whichever covers more of it, as a
+    #: program that draws without anti-aliasing gives it
+    hard: float = 0.0
     #: the epoch from which augmentation applies (e.g. 2: the first two epochs see clean
     #: images, so shapes are learned before they are shown upside down and rescaled)
     start_epoch: float = 0.0
@@ -74,9 +78,14 @@ class AugmentConfig:
         # (red × 0.65 is nearer brown than red): refuse it rather than teach wrong answers
         if self.brightness > 0.2:
             raise ValueError(f"train.augment.brightness: expected <= 0.2, got {self.brightness}")
-        if max(self.resample, self.jpeg, self.vflip, self.prob, self.retouch, self.small) > 1:
+        if (
+            max(
+                self.resample, self.jpeg, self.vflip, self.prob, self.retouch, self.small, self.hard
+            )
+            > 1
+        ):
             raise ValueError(
-                "train.augment.resample, .jpeg, .vflip, .retouch, .small, .prob are"
+                "train.augment.resample, .jpeg, .vflip, .retouch, .small, .hard, .prob are"
                 " probabilities: expected <= 1"
             )
 
@@ -130,6 +139,7 @@ class _Params:
     retouch_u: torch.Tensor  # augmented row retouched when below AugmentConfig.retouch
     small_u: torch.Tensor  # augmented row's shape made small when below AugmentConfig.small
     small_side_u: torch.Tensor  # log-scale position of that size in SMALL_SIDE
+    hard_u: torch.Tensor  # augmented row's edges made hard when below AugmentConfig.hard
 
     def rows(self, sl: slice | torch.Tensor) -> _Params:
         return _Params(**{f.name: getattr(self, f.name)[sl] for f in fields(self)})
@@ -158,6 +168,7 @@ def _draw(n: int, gen: torch.Generator) -> _Params:
         retouch_u=u(),  # likewise after apply_u
         small_u=u(),  # and these after retouch_u
         small_side_u=u(),
+        hard_u=u(),  # last: every earlier draw stays that of runs made before it
     )
 
 
@@ -225,6 +236,8 @@ def _augment_rows(images_BCHW: torch.Tensor, cfg: AugmentConfig, p: _Params) -> 
         u[flip] = u[flip].flip(-2)
     if cfg.zoom > 0 or cfg.rotate > 0 or cfg.small > 0:
         u = _zoom(u, cfg.zoom, cfg.rotate, p, cfg.small)
+    if cfg.hard > 0:
+        _harden_(u, p.hard_u < cfg.hard)
     if cfg.retouch < 1:
         p = _untouched(p, p.retouch_u >= cfg.retouch)
     if cfg.background > 0:
@@ -379,6 +392,29 @@ def _supersampled(
     grid = F.affine_grid(theta_win, [k, x.shape[1], w * factor, w * factor], align_corners=False)
     big = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return F.avg_pool2d(big, factor)
+
+
+def _harden_(u: torch.Tensor, rows: torch.Tensor) -> None:
+    """In place: the shapes of `rows` (bool [B]) with hard edges. Each pixel of a row is
+    background + c · (shape − background) for a coverage c; it becomes the shape's colour
+    where c ≥ 1/2, else the background's. The background colour is the mean over the light
+    pixels (`_background_weight`); the shape's, the mean over its core: the dark pixels within
+    5 % of the one farthest from the background (a mean over the rim would pale it). A row
+    whose core has under 4 pixels (a shape of a few pixels) is left as it is."""
+    idx = torch.nonzero(rows).flatten()
+    if idx.numel() == 0:
+        return
+    x = u[idx]
+    w_bg = _background_weight(x)  # [K, 1, S, S]
+    bg = ((x * w_bg).sum((2, 3)) / w_bg.sum((2, 3)).clamp_min(1e-6))[:, :, None, None]
+    dist = (x - bg).norm(dim=1, keepdim=True)
+    far = dist.amax((2, 3), keepdim=True)
+    core = ((dist >= 0.95 * far) & (w_bg == 0)).to(x.dtype)
+    shape = (x * core).sum((2, 3), keepdim=True) / core.sum((2, 3), keepdim=True).clamp_min(1)
+    d = shape - bg
+    c = ((x - bg) * d).sum(1, keepdim=True) / d.pow(2).sum(1, keepdim=True).clamp_min(1e-6)
+    hard = torch.where(c >= 0.5, shape, bg)
+    u[idx] = torch.where(core.sum((1, 2, 3))[:, None, None, None] >= 4, hard, x)
 
 
 def _resample_(u: torch.Tensor, prob: float, p: _Params) -> None:
