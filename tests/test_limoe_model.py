@@ -256,6 +256,7 @@ def test_config_errors_name_the_field(field, value, message):
     [
         ({"augment": {"zoom": 1.0}}, "train.augment"),
         ({"questions_per_image": 2}, "train.questions"),
+        ({"scene_extra": 8}, "train.scene_extra: the"),
     ],
 )
 def test_families_without_augmentation_refuse_it_rather_than_ignore_it(family, train, field):
