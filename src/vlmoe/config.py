@@ -449,8 +449,9 @@ def default() -> RunConfig:
     layer, 16×16-pixel patches), D=128, 4 blocks, vision and text MoE (8 experts of hidden 128,
     top-2) in blocks 1 and 3, dense FFNs (hidden 256) elsewhere: 2.36M parameters, 1.18M
     active. 6 epochs of batch 128 (1,626 steps). From epoch 2 — once shapes are learned on
-    clean pictures — half of each batch is augmented in ways that keep every answer true and
-    any row may be turned upside down (`DEFAULT_AUGMENT`), which is what makes the model hold
+    clean pictures — half of each batch is augmented in ways that keep every answer true (moved,
+    rescaled, turned, hard-edged, retouched, JPEG-compressed) and any row may be turned upside
+    down (`DEFAULT_AUGMENT`), which is what makes the model hold
     on pictures drawn otherwise (README, Robustness). In training only, a scene head learns
     each picture's colour and shape from the stem's tokens, on the batch's pictures and on 24
     more per step shrunk to 3–9 pixels: what teaches the stem small shapes (item 8 there).
@@ -476,13 +477,14 @@ def default() -> RunConfig:
 
 
 #: the default preset's augmentation, chosen by the robustness table (README), from epoch 2:
-#: half the rows moved, scaled ×1/4–×4 and turned ±15°, half of those also retouched
-#: (background shade and brightness — never hue —, resampling, blur, JPEG); upside-down flips
-#: on every row (flips only on augmented rows let some seeds tell upside-down triangles only
-#: on retouched pictures; README, Robustness, items 5–6)
+#: half the rows moved, scaled ×1/4–×4 and turned ±15°, 3 in 10 of those drawn with hard
+#: edges, half also retouched (background shade and brightness — never hue —, resampling,
+#: blur, JPEG on 6 in 10); upside-down flips on every row (flips only on augmented rows let
+#: some seeds tell upside-down triangles only on retouched pictures; README, Robustness,
+#: items 5–6). Hard edges and JPEG 0.6 (from 0.3): item 9 there.
 DEFAULT_AUGMENT = AugmentConfig(
     background=60, brightness=0.15, zoom=3.0, rotate=15, vflip=0.5, vflip_all=True,
-    resample=0.3, blur=1.0, jpeg=0.3, retouch=0.5, prob=0.5, start_epoch=2,
+    resample=0.3, blur=1.0, jpeg=0.6, retouch=0.5, prob=0.5, hard=0.3, start_epoch=2,
 )  # fmt: skip
 
 
