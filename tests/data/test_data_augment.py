@@ -9,7 +9,7 @@ import torch
 from vlmoe.config import ConfigError, RunConfig, TrainConfig
 from vlmoe.data import load_easyvqa
 from vlmoe.data.augment import AugmentConfig, augment_generator, augment_images
-from vlmoe.data.render import COLORS, SHAPES, RenderSpec, render_many
+from vlmoe.data.render import COLORS, SHAPES, RenderSpec, render, render_many
 
 ALL = AugmentConfig(
     background=60, brightness=0.1, zoom=0.5, rotate=30, vflip=0.5, resample=0.5, blur=1.0,
@@ -280,7 +280,6 @@ def test_small_shapes_get_soft_edges_as_drawn_ones_do():
     # a 5-pixel shape point-sampled from a large one has jagged, mostly pure pixels (rim share
     # ~0.3); drawn at that size with anti-aliasing ~0.6; `small` supersamples to get near it
     rng, fill = np.random.default_rng(0), COLORS["blue"]
-    from vlmoe.data.render import render
 
     def as_tensor(pics: list) -> torch.Tensor:
         return torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1) for p in pics]) / 255
@@ -314,8 +313,6 @@ def test_supersampled_window_is_that_crop_of_the_whole_supersampled_image(batch)
 
 
 def test_hard_edges_leave_two_colours_the_shapes_own_and_its_area():
-    from vlmoe.data.render import render
-
     rng = np.random.default_rng(0)
     scenes = [(c, s) for c in COLORS for s in SHAPES]
     pics = [render(c, s, RenderSpec(shape_size=(0.2, 0.5)), rng) for c, s in scenes]
