@@ -423,7 +423,7 @@ def _harden_(u: torch.Tensor, rows: torch.Tensor) -> None:
     bg = _background_colour(x, w_bg)[:, :, None, None]
     diff = x - bg
     # not diff.norm(dim=1): over a 3-long strided dim it took ~9 of the ~58 ms a default
-    # augmented batch took (README, Robustness, item 10)
+    # augmented batch took (README, Robustness, items 10–11)
     dist = diff.pow(2).sum(1, keepdim=True).sqrt_()
     far = dist.amax((2, 3), keepdim=True)
     core = ((dist >= 0.95 * far) & (w_bg == 0)).to(x.dtype)
