@@ -54,6 +54,14 @@ def test_flops_match_flop_counter_with_a_full_resolution_stem_layer():
     assert fl.stem > plain
 
 
+def test_flops_match_flop_counter_with_a_head_that_reads_the_mean_text_token():
+    cfg = _complete(dense(tiny()).model, head_text="cls+mean")
+    plain = flops_per_sample(_complete(dense(tiny()).model), 7).head
+    fl = flops_per_sample(cfg, 7)
+    assert fl.total == pytest.approx(_counted_flops(cfg, 7), rel=1e-9)
+    assert fl.head > plain
+
+
 def test_flops_match_flop_counter_on_moe_reference_path():
     # the reference path is a loop of ordinary matmuls over the routed tokens, so the counter
     # sees exactly top_k expert FFNs per token plus the router

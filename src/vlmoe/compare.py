@@ -65,6 +65,7 @@ def compare_base() -> RunConfig:
         stem_norm="layer",
         stem_full_res=0,
         scene_loss=0.0,  # nor had it the default's auxiliary scene head
+        head_text="cls",  # nor its answer head's mean text token
         d_model=D,
         n_heads=4,
         d_ff=4 * D,

@@ -60,6 +60,10 @@ class ModelConfig:
     moe_text: bool = True  #: MoE in the text FFN of the moe_layers
     vl_layers: int = 0  #: top blocks with one shared vision-language FFN (dense)
     dropout: float = 0.0  #: dropout on attention output and FFN output
+    #: what the answer head reads of the question: "cls" (the [CLS] token; checkpoints from
+    #: before this field) or "cls+mean" (also the mean text token, which names the question's
+    #: colour or shape before attention has learnt to bring it to [CLS]; AnswerHead)
+    head_text: str = "cls"
     #: weight of an auxiliary loss in training: a small head classifies what each picture
     #: shows (easy-VQA: its colour and its shape) from the stem's max-pooled patch tokens, so
     #: the stem learns to tell small shapes apart, which the answers alone do not teach it
@@ -92,6 +96,10 @@ class ModelConfig:
         # held in memory at image_size² × 3 bytes, and the stem doubles width per octave.
         for name, lo, hi in _MODEL_RANGES:
             check_range(f"model.{name}", getattr(self, name), lo, hi, ConfigError)
+        if self.head_text not in HEAD_TEXTS:
+            raise ConfigError(
+                f"model.head_text: expected one of {', '.join(HEAD_TEXTS)}, got {self.head_text!r}"
+            )
         if self.stem_norm not in STEM_NORMS:
             raise ConfigError(
                 f"model.stem_norm: expected one of {', '.join(STEM_NORMS)}, got {self.stem_norm!r}"
@@ -258,6 +266,8 @@ class TrainConfig:
 
 #: `ModelConfig.stem_norm` choices (see `vlmoe.models.vision.ConvStem`)
 STEM_NORMS = ("layer", "channel")
+#: `ModelConfig.head_text` choices (see `vlmoe.models.heads.AnswerHead`)
+HEAD_TEXTS = ("cls", "cls+mean")
 
 
 def _check_lr_scales(scales: Any) -> None:
@@ -447,8 +457,9 @@ def default() -> RunConfig:
 
     64×64 images as 16 patch tokens (conv stem with per-channel norm and one full-resolution
     layer, 16×16-pixel patches), D=128, 4 blocks, vision and text MoE (8 experts of hidden 128,
-    top-2) in blocks 1 and 3, dense FFNs (hidden 256) elsewhere: 2.36M parameters, 1.18M
-    active. 6 epochs of batch 128 (1,626 steps). From epoch 2 — once shapes are learned on
+    top-2) in blocks 1 and 3, dense FFNs (hidden 256) elsewhere, an answer head that reads
+    [CLS] and the mean text token (item 12 there): 2.41M parameters, 1.21M active. 6 epochs of
+    batch 128 (1,626 steps). From epoch 2 — once shapes are learned on
     clean pictures — half of each batch is augmented in ways that keep every answer true (moved,
     rescaled, turned, hard-edged, retouched, JPEG-compressed) and any row may be turned upside
     down (`DEFAULT_AUGMENT`), which is what makes the model hold
@@ -456,9 +467,9 @@ def default() -> RunConfig:
     each picture's colour and shape from the stem's tokens, on the batch's pictures and on 24
     more per step shrunk to 3–9 pixels: what teaches the stem small shapes (item 8 there).
     """
-    # the dataclass defaults are this preset but for stem_norm, stem_full_res and scene_loss
-    # (whose defaults keep old checkpoints loading as they were trained), epochs, augment and
-    # scene_extra; spelled out here so the preset reads whole
+    # the dataclass defaults are this preset but for stem_norm, stem_full_res, head_text and
+    # scene_loss (whose defaults keep old checkpoints loading as they were trained), epochs,
+    # augment and scene_extra; spelled out here so the preset reads whole
     return RunConfig(
         model=ModelConfig(
             patch_size=16,
@@ -468,6 +479,7 @@ def default() -> RunConfig:
             d_ff=256,
             moe=MoEConfig(d_model=128, d_ff=128, num_experts=8, top_k=2),
             scene_loss=1.0,
+            head_text="cls+mean",
         ),
         train=TrainConfig(
             epochs=6, lr=1e-3, augment=dataclasses.replace(DEFAULT_AUGMENT), scene_extra=24

@@ -15,7 +15,8 @@ Per sample with P image patches and L text tokens, S = P + L, D = d_model:
     FFN dense   per token 2·D·F·(3 for SwiGLU | 2 for GELU), F = d_ff
     FFN MoE     per token 2·D·E (router) + k · 2·D·F_e·(3 | 2), F_e = d_ff // top_k
                 (+ shared experts; k = E for the dense router)
-    head        2·(3D·D + D·A)   (MLP on [cls, mean vision, their product])
+    head        2·(nD·D + D·A)   (MLP on [cls, mean vision, their product], n = 3; with
+                `head_text="cls+mean"` also the mean text token and its product, n = 5)
 
 `tests/test_compare.py` checks this against `FlopCounterMode` on the built model.
 """
@@ -107,7 +108,8 @@ def flops_per_sample(cfg: ModelConfig, text_len: float) -> FlopCount:
                 router += n_tok * router_tok
             else:
                 ffn += n_tok * dense_tok
-    head = 2 * (3 * D * D + D * cfg.num_answers)  # MLP on [c, v, c ⊙ v]
+    n_in = 5 if cfg.head_text == "cls+mean" else 3  # [c, v, c ⊙ v] (+ [t, t ⊙ v])
+    head = 2 * (n_in * D * D + D * cfg.num_answers)
     return FlopCount(
         stem=float(stem_flops(cfg)),
         attention_proj=attn_proj,

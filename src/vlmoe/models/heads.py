@@ -15,19 +15,35 @@ class AnswerHead(nn.Module):
     models (the easy-VQA baseline, MCB/MUTAN): "which property is asked" × "what the image
     shows" becomes linear in it. Without it a from-scratch model sits for epochs on the
     language prior (answering from the question alone) before attention learns the interaction.
+
+    With ``text_mean`` the MLP also sees the mean text token t and t ⊙ v: [c, v, c ⊙ v, t, t ⊙ v].
+    Every word's own token carries that word, so t names the question's colour or shape from
+    step 1, whereas [CLS] holds it only once its attention has learnt to fetch it — which some
+    seeds never did for most colours (README, Robustness, item 12).
     """
 
-    def __init__(self, d_model: int, num_answers: int) -> None:
+    def __init__(self, d_model: int, num_answers: int, text_mean: bool = False) -> None:
         super().__init__()
+        self.text_mean = text_mean
+        width = (5 if text_mean else 3) * d_model
         self.mlp = nn.Sequential(
-            nn.LayerNorm(3 * d_model),
-            nn.Linear(3 * d_model, d_model),
+            nn.LayerNorm(width),
+            nn.Linear(width, d_model),
             nn.GELU(),
             nn.Linear(d_model, num_answers),
         )
 
-    def forward(self, cls_BD: torch.Tensor, vision_BD: torch.Tensor) -> torch.Tensor:
-        return self.mlp(torch.cat([cls_BD, vision_BD, cls_BD * vision_BD], dim=-1))
+    def forward(
+        self, cls_BD: torch.Tensor, vision_BD: torch.Tensor, text_BD: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[CLS] c, mean vision token v and (with ``text_mean``) mean text token t, [B, D]
+        each → logits [B, A]."""
+        parts = [cls_BD, vision_BD, cls_BD * vision_BD]
+        if self.text_mean:
+            if text_BD is None:
+                raise ValueError("AnswerHead(text_mean=True) needs the mean text token")
+            parts += [text_BD, text_BD * vision_BD]
+        return self.mlp(torch.cat(parts, dim=-1))
 
 
 class SceneHead(nn.Module):

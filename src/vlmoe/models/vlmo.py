@@ -75,7 +75,7 @@ class VLMoE(nn.Module):
             )
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(D)
-        self.head = AnswerHead(D, cfg.num_answers)
+        self.head = AnswerHead(D, cfg.num_answers, text_mean=cfg.head_text == "cls+mean")
         # training only: answers never read it (ModelConfig.scene_loss)
         self.scene_head = (
             SceneHead(D, cfg.scene_classes) if cfg.scene_loss > 0 and cfg.scene_classes else None
@@ -128,7 +128,7 @@ class VLMoE(nn.Module):
     def forward(self, batch: Any) -> ModelOutput:
         patches = self._patch_tokens(batch.images, getattr(batch, "first_row", None))
         x_v, x_t, aux, records = self.encode_patches(patches, batch.input_ids, batch.attention_mask)
-        logits = self.head(x_t[:, 0], x_v.mean(dim=1))
+        logits = self.head(x_t[:, 0], x_v.mean(dim=1), self._text_mean(x_t, batch.attention_mask))
         out = ModelOutput(loss=None, task_loss=None, aux_loss=aux, logits=logits, routing=records)
         labels = getattr(batch, "labels", None)
         if labels is not None:
@@ -141,6 +141,14 @@ class VLMoE(nn.Module):
                 out.task_loss = F.cross_entropy(logits, labels, ignore_index=-100)
                 out.loss = out.task_loss + aux + self.scene_loss(patches, batch)
         return out
+
+    def _text_mean(self, x_BLD: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor | None:
+        """The mean of each row's real text tokens [B, D] ([CLS] included; padding not), for a
+        head that reads it (`model.head_text`); None otherwise."""
+        if not self.head.text_mean:
+            return None
+        w = mask_BL[:, : x_BLD.shape[1]].to(x_BLD.dtype)
+        return (x_BLD * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
 
     def scene_loss(self, patches: torch.Tensor, batch: Any) -> torch.Tensor:
         """`cfg.scene_loss` × the scene head's loss on the batch's rows (`batch.scenes`, long
