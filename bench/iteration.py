@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parents[1] / "src"
 def worker(src: str, epoch: int, steps: int) -> None:
     """In a subprocess: time `steps` iterations with the package under `src`; print ms."""
     sys.path.insert(0, src)
+    import math
     import time
 
     import torch
@@ -46,7 +47,9 @@ def worker(src: str, epoch: int, steps: int) -> None:
     task = VQATask(cfg)
     engine = Engine.from_env("cpu")
     model = engine.parallelize(task.build_model(cfg.stages()[0]))
-    schedule = (t.warmup_steps, 1626, t.min_lr_ratio)
+    # the run's length, as the trainer computes it (Trainer.totals)
+    total = math.ceil(t.epochs * task.batches_per_epoch(t.batch_size))
+    schedule = (t.warmup_steps, total, t.min_lr_ratio)
     opt, sched = build_optimizer(
         model, no_decay_names(model), t.lr, t.weight_decay, schedule, t.lr_scales
     )

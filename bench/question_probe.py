@@ -28,9 +28,10 @@ import torch.nn.functional as F
 
 from vlmoe.checkpoint import CheckpointError, load_checkpoint
 from vlmoe.data import iterate_batches, load_easyvqa
-from vlmoe.data.render import COLORS
+from vlmoe.data.render import COLORS, says_present
 from vlmoe.evaluate import run_split
 from vlmoe.models import VLMoE
+from vlmoe.models.vlmo import text_mean
 from vlmoe.train.task import scene_labels
 
 COLOR_WORDS = list(COLORS)
@@ -76,9 +77,8 @@ def features(ck, questions: int) -> dict[str, torch.Tensor]:
             [split.kinds[q] == "yes/no" for q in b.question_index.tolist()]
         )
         x_v, x_t, _, _ = ck.model.encode(b.images, b.input_ids, b.attention_mask)
-        m = b.attention_mask[:, : x_t.shape[1], None].float()
         out["cls"].append(x_t[keep, 0])
-        out["text"].append(((x_t * m).sum(1) / m.sum(1))[keep])
+        out["text"].append(text_mean(x_t, b.attention_mask)[keep])
         out["vision"].append(x_v[keep].mean(1))
         out["named"].append(hit_BLC.any(1).float().argmax(1)[keep])
         out["shown"].append(scenes[split.image_index[b.question_index]][keep, 0])
@@ -96,11 +96,7 @@ def matching_right(ck) -> tuple[float, dict[str, float]]:
     for i in yn:
         words = ck.tokenizer.tokens(split.questions[i])
         named = [c for c in COLOR_WORDS if c in words]
-        if not named:
-            continue
-        negated = "not" in words or "no" in words
-        match = (split.answers[i] == "yes") != negated
-        if match:
+        if named and says_present(split.questions[i], split.answers[i]):
             per[named[0]][0] += int(ok[i])
             per[named[0]][1] += 1
     acc = float(ok[yn].float().mean())

@@ -133,6 +133,13 @@ def render_many(
 _NEGATED = (" not ", " no ")
 
 
+def says_present(question: str, answer: str) -> bool:
+    """Whether an easy-VQA yes/no question with this answer says that the colour or shape it
+    names is in the picture ("is there a red shape?" yes, "is there not a circle?" no)."""
+    negated = any(n in f" {question.lower()} " for n in _NEGATED)
+    return (answer == "yes") != negated
+
+
 def _constrain(question: str, answer: str, colors: set[str], shapes: set[str]) -> None:
     """Narrow an image's candidate colours and shapes by one of its easy-VQA questions.
 
@@ -149,8 +156,7 @@ def _constrain(question: str, answer: str, colors: set[str], shapes: set[str]) -
         return
     if answer not in ("yes", "no"):
         return
-    negated = any(n in f" {question.lower()} " for n in _NEGATED)
-    present = (answer == "yes") != negated
+    present = says_present(question, answer)
     for named, cands in ((named_c, colors), (named_s, shapes)):
         for w in named:
             if present:

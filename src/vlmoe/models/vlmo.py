@@ -143,12 +143,8 @@ class VLMoE(nn.Module):
         return out
 
     def _text_mean(self, x_BLD: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor | None:
-        """The mean of each row's real text tokens [B, D] ([CLS] included; padding not), for a
-        head that reads it (`model.head_text`); None otherwise."""
-        if not self.head.text_mean:
-            return None
-        w = mask_BL[:, : x_BLD.shape[1]].to(x_BLD.dtype)
-        return (x_BLD * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+        """`text_mean` for a head that reads it (`model.head_text`); None otherwise."""
+        return text_mean(x_BLD, mask_BL) if self.head.text_mean else None
 
     def scene_loss(self, patches: torch.Tensor, batch: Any) -> torch.Tensor:
         """`cfg.scene_loss` × the scene head's loss on the batch's rows (`batch.scenes`, long
@@ -176,6 +172,13 @@ class VLMoE(nn.Module):
         if self.scene_head is not None:
             active -= sum(p.numel() for p in self.scene_head.parameters())
         return total, active
+
+
+def text_mean(x_BLD: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+    """The mean of each row's real text tokens, [B, L, D] → [B, D] ([CLS] included, padding
+    not; `mask_BL` may be longer than L, as the model truncates questions to max_text_len)."""
+    w = mask_BL[:, : x_BLD.shape[1]].to(x_BLD.dtype)
+    return (x_BLD * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
 
 
 def build_model(cfg: ModelConfig) -> VLMoE:
