@@ -77,6 +77,11 @@ class ModelConfig:
         default_factory=lambda: MoEConfig(d_model=128, d_ff=128, num_experts=8, top_k=2)
     )
 
+    @property
+    def head_text_mean(self) -> bool:
+        """Whether the answer head reads the mean text token (`head_text` "cls+mean")."""
+        return self.head_text == "cls+mean"
+
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             try:

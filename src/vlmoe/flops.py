@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from vlmoe.config import ModelConfig, stem_convs
+from vlmoe.models.heads import AnswerHead
 
 
 @dataclass
@@ -108,8 +109,7 @@ def flops_per_sample(cfg: ModelConfig, text_len: float) -> FlopCount:
                 router += n_tok * router_tok
             else:
                 ffn += n_tok * dense_tok
-    n_in = 5 if cfg.head_text == "cls+mean" else 3  # [c, v, c ⊙ v] (+ [t, t ⊙ v])
-    head = 2 * (n_in * D * D + D * cfg.num_answers)
+    head = 2 * (AnswerHead.num_inputs(cfg.head_text_mean) * D * D + D * cfg.num_answers)
     return FlopCount(
         stem=float(stem_flops(cfg)),
         attention_proj=attn_proj,

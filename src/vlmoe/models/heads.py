@@ -25,13 +25,19 @@ class AnswerHead(nn.Module):
     def __init__(self, d_model: int, num_answers: int, text_mean: bool = False) -> None:
         super().__init__()
         self.text_mean = text_mean
-        width = (5 if text_mean else 3) * d_model
+        width = self.num_inputs(text_mean) * d_model
         self.mlp = nn.Sequential(
             nn.LayerNorm(width),
             nn.Linear(width, d_model),
             nn.GELU(),
             nn.Linear(d_model, num_answers),
         )
+
+    @staticmethod
+    def num_inputs(text_mean: bool) -> int:
+        """How many D-wide vectors the MLP reads: [c, v, c ⊙ v], with ``text_mean`` also
+        [t, t ⊙ v] (`vlmoe.flops` counts the head by it)."""
+        return 5 if text_mean else 3
 
     def forward(
         self, cls_BD: torch.Tensor, vision_BD: torch.Tensor, text_BD: torch.Tensor | None = None

@@ -75,7 +75,7 @@ class VLMoE(nn.Module):
             )
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(D)
-        self.head = AnswerHead(D, cfg.num_answers, text_mean=cfg.head_text == "cls+mean")
+        self.head = AnswerHead(D, cfg.num_answers, text_mean=cfg.head_text_mean)
         # training only: answers never read it (ModelConfig.scene_loss)
         self.scene_head = (
             SceneHead(D, cfg.scene_classes) if cfg.scene_loss > 0 and cfg.scene_classes else None
