@@ -127,7 +127,7 @@ def test_the_default_presets_augmentation_only_on_easy_vqa(tmp_path, capsys):
     argv = ["--data", str(f), "--batch-size", "8", "--stop-after", "1", "--no-progress"]
     rc, _, err = run_cli(capsys, "train", *argv, "--out", str(tmp_path / "ck"))
     assert rc == 0, err
-    assert "augmentation and scene head are off for --data" in err
+    assert "augmentation, scene head and flipped views are off for --data" in err
     saved = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert saved["run"]["train"]["augment"]["prob"] == 1.0  # AugmentConfig(): nothing on
     assert saved["run"]["model"]["scene_loss"] == 0 and saved["run"]["train"]["scene_extra"] == 0

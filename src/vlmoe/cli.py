@@ -132,12 +132,16 @@ def _augment_switch(cfg: RunConfig, args: argparse.Namespace) -> None:
     easy-VQA's pictures (one shape on a light background, answers that survive an upside-down
     flip), where it keeps every answer true; on other pictures it could change one. The scene
     head (`model.scene_loss`) learns easy-VQA's colours and shapes, which other data do not
-    name: off for --data too; its extra pictures are augmented ones: off with --no-augment."""
+    name: off for --data too; its extra pictures are augmented ones: off with --no-augment.
+    Answers averaged over flipped views (`model.flip_views`) need pictures whose answers
+    survive a flip and a model trained on upside-down ones: off for both."""
     from vlmoe.data.augment import AugmentConfig
 
     scene = getattr(cfg.model, "scene_loss", 0.0) > 0
     if args.no_augment or cfg.data != "easy-vqa":
         cfg.train.scene_extra = 0
+        if getattr(cfg.model, "flip_views", 1) > 1:
+            cfg.model = dataclasses.replace(cfg.model, flip_views=1)
     if scene and cfg.data != "easy-vqa":
         cfg.model = dataclasses.replace(cfg.model, scene_loss=0.0)
     if not cfg.train.augment.enabled and not scene:
@@ -147,8 +151,9 @@ def _augment_switch(cfg: RunConfig, args: argparse.Namespace) -> None:
     elif cfg.data != "easy-vqa":
         cfg.train.augment = AugmentConfig()
         print(
-            f"vlmoe train: the {args.preset} preset's augmentation and scene head are off for"
-            " --data (they are made for easy-VQA's pictures: one shape on a light background)",
+            f"vlmoe train: the {args.preset} preset's augmentation, scene head and flipped"
+            " views are off for --data (they are made for easy-VQA's pictures: one shape on a"
+            " light background)",
             file=sys.stderr,
         )
 

@@ -66,6 +66,7 @@ def compare_base() -> RunConfig:
         stem_full_res=0,
         scene_loss=0.0,  # nor had it the default's auxiliary scene head
         head_text="cls",  # nor its answer head's mean text token
+        flip_views=1,  # nor answers averaged over flipped views: one model, one forward
         d_model=D,
         n_heads=4,
         d_ff=4 * D,

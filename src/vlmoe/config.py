@@ -72,6 +72,12 @@ class ModelConfig:
     #: the scene head's label groups, classes in each (easy-VQA: 8 colours, 3 shapes); filled
     #: in from the data when `scene_loss` > 0
     scene_classes: tuple[int, ...] = ()
+    #: answers (eval mode: validation, test, `vlmoe ask` / `eval` / `serve`) average the
+    #: log-probabilities over this many flipped views of each picture: 1 = the picture as
+    #: given (checkpoints from before this field); 2 = also upside down; 4 = also mirrored,
+    #: and both. Only for pictures whose answers survive a flip (easy-VQA's: one shape, no
+    #: left or right); costs that many forward passes per answer; never used in training
+    flip_views: int = 1
     #: the MoE layer settings; d_model and d_ff here are filled in by the model
     moe: MoEConfig = field(
         default_factory=lambda: MoEConfig(d_model=128, d_ff=128, num_experts=8, top_k=2)
@@ -101,6 +107,11 @@ class ModelConfig:
         # held in memory at image_size² × 3 bytes, and the stem doubles width per octave.
         for name, lo, hi in _MODEL_RANGES:
             check_range(f"model.{name}", getattr(self, name), lo, hi, ConfigError)
+        if self.flip_views not in FLIP_VIEWS:
+            raise ConfigError(
+                f"model.flip_views: expected one of {', '.join(map(str, FLIP_VIEWS))},"
+                f" got {self.flip_views!r}"
+            )
         if self.head_text not in HEAD_TEXTS:
             raise ConfigError(
                 f"model.head_text: expected one of {', '.join(HEAD_TEXTS)}, got {self.head_text!r}"
@@ -271,6 +282,8 @@ class TrainConfig:
 
 #: `ModelConfig.stem_norm` choices (see `vlmoe.models.vision.ConvStem`)
 STEM_NORMS = ("layer", "channel")
+#: `ModelConfig.flip_views` choices: the picture; + upside down; + mirrored and both
+FLIP_VIEWS = (1, 2, 4)
 #: `ModelConfig.head_text` choices (see `vlmoe.models.heads.AnswerHead`)
 HEAD_TEXTS = ("cls", "cls+mean")
 
@@ -471,9 +484,13 @@ def default() -> RunConfig:
     on pictures drawn otherwise (README, Robustness). In training only, a scene head learns
     each picture's colour and shape from the stem's tokens, on the batch's pictures and on 24
     more per step shrunk to 3–9 pixels: what teaches the stem small shapes (item 8 there).
+    Answers average the log-probabilities over four views of the picture — as given, upside
+    down, mirrored, both (`flip_views`; never in training): a small ensemble that holds the
+    robustness table's margins over seeds (item 14 there), at four forwards per answer.
     """
-    # the dataclass defaults are this preset but for stem_norm, stem_full_res, head_text and
-    # scene_loss (whose defaults keep old checkpoints loading as they were trained), epochs,
+    # the dataclass defaults are this preset but for stem_norm, stem_full_res, head_text,
+    # scene_loss and flip_views (whose defaults keep old checkpoints loading as they were
+    # trained), epochs,
     # augment and scene_extra; spelled out here so the preset reads whole
     return RunConfig(
         model=ModelConfig(
@@ -485,6 +502,7 @@ def default() -> RunConfig:
             moe=MoEConfig(d_model=128, d_ff=128, num_experts=8, top_k=2),
             scene_loss=1.0,
             head_text="cls+mean",
+            flip_views=4,
         ),
         train=TrainConfig(
             epochs=6, lr=1e-3, augment=dataclasses.replace(DEFAULT_AUGMENT), scene_extra=24

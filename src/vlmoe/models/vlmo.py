@@ -126,9 +126,9 @@ class VLMoE(nn.Module):
         return torch.index_select(self.vision(images[first]), 0, inverse)
 
     def forward(self, batch: Any) -> ModelOutput:
-        patches = self._patch_tokens(batch.images, getattr(batch, "first_row", None))
-        x_v, x_t, aux, records = self.encode_patches(patches, batch.input_ids, batch.attention_mask)
-        logits = self.head(x_t[:, 0], x_v.mean(dim=1), self._text_mean(x_t, batch.attention_mask))
+        patches, logits, aux, records = self._answer(batch.images, batch)
+        if not self.training and self.cfg.flip_views > 1:
+            logits = self._flip_average(batch, logits)
         out = ModelOutput(loss=None, task_loss=None, aux_loss=aux, logits=logits, routing=records)
         labels = getattr(batch, "labels", None)
         if labels is not None:
@@ -141,6 +141,28 @@ class VLMoE(nn.Module):
                 out.task_loss = F.cross_entropy(logits, labels, ignore_index=-100)
                 out.loss = out.task_loss + aux + self.scene_loss(patches, batch)
         return out
+
+    def _answer(
+        self, images: torch.Tensor, batch: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[RoutingRecord]]:
+        """(stem tokens [B, P, D], answer logits [B, A], aux loss, routing) for ``images``
+        [B, 3, S, S] and the batch's questions."""
+        patches = self._patch_tokens(images, getattr(batch, "first_row", None))
+        x_v, x_t, aux, records = self.encode_patches(patches, batch.input_ids, batch.attention_mask)
+        logits = self.head(x_t[:, 0], x_v.mean(dim=1), self._text_mean(x_t, batch.attention_mask))
+        return patches, logits, aux, records
+
+    def _flip_average(self, batch: Any, logits: torch.Tensor) -> torch.Tensor:
+        """The mean log-probabilities [B, A] over `cfg.flip_views` views of each picture: the
+        picture (``logits``, already computed), upside down, mirrored, both. Flips keep
+        easy-VQA's answers true and the model was trained on upside-down pictures, so the views
+        disagree only where a picture is hard to read; averaging them is a small ensemble
+        (README, Robustness, item 14). The routing reported stays the picture's own."""
+        imgs = batch.images
+        views = [imgs.flip(-2), imgs.flip(-1), imgs.flip(-2, -1)][: self.cfg.flip_views - 1]
+        logp = [F.log_softmax(logits.float(), dim=-1)]
+        logp += [F.log_softmax(self._answer(v, batch)[1].float(), dim=-1) for v in views]
+        return torch.stack(logp).mean(dim=0).to(logits.dtype)
 
     def _text_mean(self, x_BLD: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor | None:
         """`text_mean` for a head that reads it (`model.head_text`); None otherwise."""
