@@ -354,6 +354,7 @@ CHECKPOINT_CASES = [
     _c("config-moe-layers", "`model.moe_layers` is \"13\"", EVAL, "model.moe_layers", set_field("model.moe_layers", "13")),
     _c("config-router", "`model.moe.router` is \"bogus\"", EVAL, "router", set_field("model.moe.router", "bogus")),
     _c("config-head-text", "`model.head_text` is \"bogus\"", EVAL, "model.head_text", set_field("model.head_text", "bogus")),
+    _c("config-flip-views", "`model.flip_views` is 3", EVAL, "model.flip_views", set_field("model.flip_views", 3)),
     _c("config-capacity-nan", "`model.moe.capacity_factor` is NaN", EVAL, "capacity_factor", set_field("model.moe.capacity_factor", float("nan"))),
     _c("config-model-too-big", "`model.d_model` is 65536 (a model far larger than the weights)", EVAL, "do not belong together", set_field("model.d_model", 65536)),
     _c("config-answers-duplicate", "answers hold a duplicate", EVAL, "distinct", edit_config(lambda m: m["answers"].__setitem__(1, m["answers"][0]))),
