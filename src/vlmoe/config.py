@@ -107,19 +107,12 @@ class ModelConfig:
         # held in memory at image_size² × 3 bytes, and the stem doubles width per octave.
         for name, lo, hi in _MODEL_RANGES:
             check_range(f"model.{name}", getattr(self, name), lo, hi, ConfigError)
-        if self.flip_views not in FLIP_VIEWS:
-            raise ConfigError(
-                f"model.flip_views: expected one of {', '.join(map(str, FLIP_VIEWS))},"
-                f" got {self.flip_views!r}"
-            )
-        if self.head_text not in HEAD_TEXTS:
-            raise ConfigError(
-                f"model.head_text: expected one of {', '.join(HEAD_TEXTS)}, got {self.head_text!r}"
-            )
-        if self.stem_norm not in STEM_NORMS:
-            raise ConfigError(
-                f"model.stem_norm: expected one of {', '.join(STEM_NORMS)}, got {self.stem_norm!r}"
-            )
+        for name, allowed in _MODEL_CHOICES:
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"model.{name}: expected one of {', '.join(map(str, allowed))},"
+                    f" got {getattr(self, name)!r}"
+                )
         if self.patch_size & (self.patch_size - 1) or self.patch_size < 2:
             raise ConfigError(
                 f"model.patch_size: expected a power of two >= 2, got {self.patch_size}"
@@ -312,6 +305,8 @@ def stem_convs(patch_size: int, channels: int, full_res: int = 0) -> list[tuple[
 
 
 #: (field, min, max) of the integer and float fields of ModelConfig / TrainConfig
+#: `ModelConfig` fields that take one of a few values, and those values
+_MODEL_CHOICES = (("flip_views", FLIP_VIEWS), ("head_text", HEAD_TEXTS), ("stem_norm", STEM_NORMS))
 _MODEL_RANGES = (
     ("image_size", 2, 1024),
     ("patch_size", 2, 1024),

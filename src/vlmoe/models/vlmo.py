@@ -158,10 +158,10 @@ class VLMoE(nn.Module):
         easy-VQA's answers true and the model was trained on upside-down pictures, so the views
         disagree only where a picture is hard to read; averaging them is a small ensemble
         (README, Robustness, item 14). The routing reported stays the picture's own."""
-        imgs = batch.images
-        views = [imgs.flip(-2), imgs.flip(-1), imgs.flip(-2, -1)][: self.cfg.flip_views - 1]
+        flips = ((-2,), (-1,), (-2, -1))[: self.cfg.flip_views - 1]  # each view flipped when read
         logp = [F.log_softmax(logits.float(), dim=-1)]
-        logp += [F.log_softmax(self._answer(v, batch)[1].float(), dim=-1) for v in views]
+        logp += [F.log_softmax(self._answer(batch.images.flip(d), batch)[1].float(), dim=-1)
+                 for d in flips]  # fmt: skip
         return torch.stack(logp).mean(dim=0).to(logits.dtype)
 
     def _text_mean(self, x_BLD: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor | None:
